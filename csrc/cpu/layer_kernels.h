@@ -1,0 +1,125 @@
+// CPU building blocks shared by the per-layer op (linear_act.cpp) and the
+// whole-chain op (mlp.cpp): the fused bias+ReLU epilogue after a BLAS GEMM, and
+// one layer's backward with the ReLU mask and bias gradient fused in one pass.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <tuple>
+
+#include "common/math.h"
+
+namespace fastmlp::cpu {
+
+// Rows per chunk of the bias-gradient reduction. Fixed (not derived from the
+// thread count) so the summation order, hence the result, never changes.
+constexpr int64_t kReduceChunkRows = 256;
+
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+// out[b, n] = act(out[b, n] + bias[n]) in place, one pass over out.
+inline void bias_act_(at::Tensor& out, const c10::optional<at::Tensor>& bias, bool relu) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (!has_bias && !relu) return;
+  const int64_t rows = out.size(0), cols = out.size(1);
+  at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fastmlp_bias_act", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* row = o + r * cols;
+        if (bp && relu) {
+          for (int64_t c = 0; c < cols; ++c) row[c] = fastmlp::relu<scalar_t>(row[c] + bp[c]);
+        } else if (bp) {
+          for (int64_t c = 0; c < cols; ++c) row[c] = row[c] + bp[c];
+        } else {
+          for (int64_t c = 0; c < cols; ++c) row[c] = fastmlp::relu<scalar_t>(row[c]);
+        }
+      }
+    });
+  });
+}
+
+// y = act(x @ w.T + b) written into `out` ([B, N], contiguous).
+inline void linear_act_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                            const c10::optional<at::Tensor>& bias, bool relu) {
+  at::mm_out(out, x, w.t());
+  bias_act_(out, bias, relu);
+}
+
+// One pass over grad_output: the ReLU-masked gradient (when relu and wanted) and
+// its column sums, the bias gradient (when wanted), reduced deterministically in
+// fixed row chunks. Returns (masked grad or grad_output itself, column sums).
+inline std::tuple<at::Tensor, at::Tensor> mask_and_colsum(const at::Tensor& grad_output,
+                                                          const at::Tensor& output, bool relu,
+                                                          bool want_masked, bool want_colsum) {
+  at::Tensor g = grad_output.contiguous();
+  const bool mask = relu && want_masked;
+  if (!mask && !want_colsum) return {g, at::Tensor()};
+  const int64_t rows = g.size(0), cols = g.size(1);
+  at::Tensor masked = mask ? at::empty_like(g) : g;
+  at::Tensor colsum = want_colsum ? at::empty({cols}, g.options()) : at::Tensor();
+  at::Tensor out = relu ? output.contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "fastmlp_mask_colsum", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* yp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* mp = masked.data_ptr<scalar_t>();
+    const int64_t chunks = (rows + kReduceChunkRows - 1) / kReduceChunkRows;
+    at::Tensor partial;
+    opmath_t* pp = nullptr;
+    if (want_colsum) {
+      partial = at::zeros({std::max<int64_t>(chunks, 1), cols},
+                          g.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+      pp = partial.data_ptr<opmath_t>();
+    }
+    const int64_t grain = std::max<int64_t>(1, row_grain(cols) / kReduceChunkRows);
+    at::parallel_for(0, chunks, grain, [&](int64_t cb, int64_t ce) {
+      for (int64_t chunk = cb; chunk < ce; ++chunk) {
+        opmath_t* acc = pp ? pp + chunk * cols : nullptr;
+        const int64_t r_end = std::min(rows, (chunk + 1) * kReduceChunkRows);
+        for (int64_t r = chunk * kReduceChunkRows; r < r_end; ++r) {
+          const scalar_t* grow = gp + r * cols;
+          const scalar_t* yrow = yp ? yp + r * cols : nullptr;
+          scalar_t* mrow = mp + r * cols;
+          for (int64_t c = 0; c < cols; ++c) {
+            scalar_t v = grow[c];
+            if (yrow && !fastmlp::relu_passes(yrow[c])) v = scalar_t(0);
+            if (mask) mrow[c] = v;
+            if (acc) acc[c] += static_cast<opmath_t>(v);
+          }
+        }
+      }
+    });
+    if (want_colsum) {
+      scalar_t* cs = colsum.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < cols; ++c) {
+        opmath_t s = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) s += pp[chunk * cols + c];
+        cs[c] = static_cast<scalar_t>(s);
+      }
+    }
+  });
+  return {masked, colsum};
+}
+
+// Backward of one layer y = act(x @ w.T + b). Returns (grad_x, grad_w, grad_b);
+// ungated outputs are undefined tensors.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_backward(
+    const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& w, const at::Tensor& output,
+    bool relu, bool want_input, bool want_weight, bool want_bias) {
+  auto [g, grad_b] = mask_and_colsum(grad_output, output, relu, want_input || want_weight, want_bias);
+  at::Tensor grad_x = want_input ? at::mm(g, w) : at::Tensor();
+  at::Tensor grad_w = want_weight ? at::mm(g.t(), x) : at::Tensor();
+  return {grad_x, grad_w, grad_b};
+}
+
+// The op contract returns gradients that were not asked for as empty tensors.
+inline at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+}  // namespace fastmlp::cpu

@@ -1,0 +1,60 @@
+// The op schemas of the fastmlp library: the contract between C++ and Python.
+// Kernels are registered per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu;
+// fake (meta) impls for torch.compile live in torch_fastmlp/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef FASTMLP_CUDA_ARCHS
+#define FASTMLP_CUDA_ARCHS ""
+#endif
+
+// Importing torch_fastmlp._C runs the static registrations below; the module
+// itself only reports how it was built.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+#ifdef FASTMLP_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(m, "cuda_archs", FASTMLP_CUDA_ARCHS);
+  return m;
+}
+
+TORCH_LIBRARY(fastmlp, m) {
+  // y = act(input @ weight.T + bias); act is ReLU when relu, else identity.
+  m.def("linear_act(Tensor input, Tensor weight, Tensor? bias, bool relu) -> Tensor");
+  // Gradients of linear_act from its saved output (the ReLU mask is output > 0).
+  // Outputs not asked for by output_mask are returned as empty tensors.
+  m.def(
+      "linear_act_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, "
+      "bool relu, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // A whole Linear(+ReLU) chain in one op. ReLU after every layer but the last, and
+  // after the last too when last_relu. `hidden` packs every hidden activation
+  // (layer l is a contiguous [B, N_l] block) in one allocation, for backward.
+  m.def(
+      "mlp_forward(Tensor input, Tensor[] weights, Tensor?[] biases, bool last_relu) "
+      "-> (Tensor output, Tensor hidden)");
+  // Gradients of mlp_forward. `output` is only read when last_relu. Gradients not
+  // asked for (input_grad, weight_mask[l], bias_mask[l]) come back as empty tensors.
+  m.def(
+      "mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor hidden, "
+      "Tensor? output, bool last_relu, bool input_grad, bool[] weight_mask, bool[] bias_mask) "
+      "-> (Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
+
+  // Binary cross-entropy with logits. weight / pos_weight are either empty-broadcast
+  // patterns of P elements repeating along the flattened input (index i % P) or None.
+  // reduction: 0 none, 1 mean, 2 sum (at::Reduction). With input_grad and a reduced
+  // loss, grad_input (d loss / d input, same shape as input) is computed in the same
+  // pass; otherwise it is an empty tensor.
+  m.def(
+      "bce_with_logits(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "int reduction, bool input_grad) -> (Tensor loss, Tensor grad_input)");
+  // Elementwise backward: grad_output has the loss's shape (a scalar when reduced).
+  m.def(
+      "bce_with_logits_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight, int reduction, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_target)");
+}

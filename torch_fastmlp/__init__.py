@@ -1,0 +1,26 @@
+"""torch_fastmlp: fused CPU/CUDA kernels for minibatch MLP training, as drop-in
+replacements for ``torch.nn.Sequential`` and ``torch.nn.BCEWithLogitsLoss``."""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import functional
+from ._ops import CUDA_ARCHS, WITH_CUDA
+from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction, MLPFunction
+from .modules import MLP, BCEWithLogitsLoss, FusedLinearReLU, Sequential, fuse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BCEWithLogitsFunction",
+    "BCEWithLogitsLoss",
+    "CUDA_ARCHS",
+    "FusedLinearReLU",
+    "LinearFunction",
+    "LinearReLUFunction",
+    "MLP",
+    "MLPFunction",
+    "Sequential",
+    "WITH_CUDA",
+    "functional",
+    "fuse",
+]

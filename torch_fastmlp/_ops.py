@@ -1,0 +1,96 @@
+"""Loads the compiled kernels and gives every ``fastmlp`` op a fake impl.
+
+The fake impls describe output shapes without computing anything, which is
+what ``torch.compile`` (FakeTensor tracing) and ``torch.library.opcheck`` need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+ops = torch.ops.fastmlp
+
+#: Whether this build compiled the CUDA kernels.
+WITH_CUDA: bool = bool(_C.with_cuda)
+#: The CUDA architectures the kernels were compiled for ("" for a CPU-only build).
+CUDA_ARCHS: str = _C.cuda_archs
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Raise a clear error for a device this build has no kernels for."""
+    for t in tensors:
+        if t is None:
+            continue
+        kind = t.device.type
+        if kind == "cuda" and not WITH_CUDA:
+            raise RuntimeError(
+                "torch_fastmlp was built without its CUDA kernels, so it cannot run on "
+                f"{t.device}. Rebuild with a CUDA build of torch and nvcc available "
+                "(FASTMLP_CUDA=1 pip install --no-build-isolation .); "
+                "`python -m torch_fastmlp.info` shows how it was built."
+            )
+        if kind not in ("cpu", "cuda", "meta"):
+            raise RuntimeError(f"torch_fastmlp has no kernels for device {t.device}")
+
+
+def device_supported(device: torch.device) -> bool:
+    """True when this build has kernels for ``device``."""
+    return device.type == "cpu" or (device.type == "cuda" and WITH_CUDA)
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+@torch.library.register_fake("fastmlp::linear_act")
+def _linear_act_fake(input, weight, bias, relu):
+    torch._check(input.dim() == 2 and weight.dim() == 2)
+    torch._check(input.shape[1] == weight.shape[1])
+    return input.new_empty((input.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("fastmlp::linear_act_backward")
+def _linear_act_backward_fake(grad_output, input, weight, output, relu, output_mask):
+    return (
+        input.new_empty(input.shape) if output_mask[0] else _empty(input),
+        input.new_empty(weight.shape) if output_mask[1] else _empty(input),
+        input.new_empty((weight.shape[0],)) if output_mask[2] else _empty(input),
+    )
+
+
+@torch.library.register_fake("fastmlp::mlp_forward")
+def _mlp_forward_fake(input, weights, biases, last_relu):
+    batch = input.shape[0]
+    hidden = sum(batch * w.shape[0] for w in weights[:-1])
+    return input.new_empty((batch, weights[-1].shape[0])), input.new_empty((hidden,))
+
+
+@torch.library.register_fake("fastmlp::mlp_backward")
+def _mlp_backward_fake(
+    grad_output, input, weights, hidden, output, last_relu, input_grad, weight_mask, bias_mask
+):
+    grad_input = input.new_empty(input.shape) if input_grad else _empty(input)
+    grad_weights = [
+        input.new_empty(w.shape) if m else _empty(input) for w, m in zip(weights, weight_mask)
+    ]
+    grad_biases = [
+        input.new_empty((w.shape[0],)) if m else _empty(input) for w, m in zip(weights, bias_mask)
+    ]
+    return grad_input, grad_weights, grad_biases
+
+
+@torch.library.register_fake("fastmlp::bce_with_logits")
+def _bce_fake(input, target, weight, pos_weight, reduction, input_grad):
+    loss = input.new_empty(()) if reduction != 0 else input.new_empty(input.shape)
+    grad = input.new_empty(input.shape) if (input_grad and reduction != 0) else _empty(input)
+    return loss, grad
+
+
+@torch.library.register_fake("fastmlp::bce_with_logits_backward")
+def _bce_backward_fake(grad_output, input, target, weight, pos_weight, reduction, output_mask):
+    return (
+        input.new_empty(input.shape) if output_mask[0] else _empty(input),
+        input.new_empty(input.shape) if output_mask[1] else _empty(input),
+    )

@@ -1,0 +1,190 @@
+"""``torch.autograd.Function`` subclasses that drive the fused ops.
+
+Each saves only what its backward reads (never more than eager ``torch.nn``
+saves) and computes only the gradients autograd asks for, so frozen layers and
+inputs that do not require grad cost nothing extra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ._ops import ops
+
+
+def _flatten(input: torch.Tensor) -> torch.Tensor:
+    """``[*, in]`` -> ``[B, in]`` (a view when possible), as nn.Linear accepts."""
+    return input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input
+
+
+def _unflatten(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    return out if input.dim() == 2 else out.reshape(*input.shape[:-1], out.shape[-1])
+
+
+def _shape_only(like: torch.Tensor, cols: int) -> torch.Tensor:
+    """A ``[rows, cols]`` stand-in that allocates nothing, for an operand the
+    kernel will not read (it was not saved because its gradient is not needed)."""
+    return like.new_zeros(()).expand(like.shape[0], cols)
+
+
+def _or_none(grad: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+    return grad if wanted else None
+
+
+class _LinearActFunction(torch.autograd.Function):
+    """``act(input @ weight.T + bias)``; subclasses fix ``act``."""
+
+    relu: bool = False
+
+    @classmethod
+    def forward(cls, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        return _unflatten(ops.linear_act(_flatten(input), weight, bias, cls.relu), input)
+
+    @classmethod
+    def setup_context(cls, ctx: FunctionCtx, inputs: tuple[Any, ...], output: torch.Tensor) -> None:  # type: ignore[override]
+        input, weight, bias = inputs
+        need_input, need_weight, _ = ctx.needs_input_grad
+        ctx.has_bias = bias is not None
+        ctx.input_shape = input.shape
+        # As eager: the input only for grad_weight, the output only for the ReLU mask.
+        ctx.save_for_backward(
+            input if need_weight else None,
+            weight if need_input else None,
+            output if cls.relu else None,
+        )
+
+    @classmethod
+    @once_differentiable
+    def backward(cls, ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        input, weight, output = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
+        if not any(need):
+            return None, None, None
+        grad_2d = _flatten(grad_output)
+        in_features = ctx.input_shape[-1]
+        input_2d = _flatten(input) if input is not None else _shape_only(grad_2d, in_features)
+        if weight is None:
+            weight = _shape_only(grad_2d.t(), in_features)
+        output_2d = _flatten(output) if output is not None else grad_2d
+        gi, gw, gb = ops.linear_act_backward(grad_2d, input_2d, weight, output_2d, cls.relu, list(need))
+        grad_input = gi.reshape(ctx.input_shape) if need[0] else None
+        return grad_input, _or_none(gw, need[1]), _or_none(gb, need[2])
+
+
+class LinearReLUFunction(_LinearActFunction):
+    """``relu(input @ weight.T + bias)`` in one fused op, forward and backward."""
+
+    relu = True
+
+
+class LinearFunction(_LinearActFunction):
+    """``input @ weight.T + bias`` with the bias add fused into the GEMM epilogue."""
+
+    relu = False
+
+
+class MLPFunction(torch.autograd.Function):
+    """A whole Linear(+ReLU) chain as one op: ReLU after every layer but the last
+    (and after the last too when ``last_relu``). ``params`` alternates weight and
+    bias (``None`` for a layer without bias). Returns ``(output, hidden)``; hidden
+    packs the activations backward needs and is not differentiable."""
+
+    @staticmethod
+    def forward(input: torch.Tensor, last_relu: bool, *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        output, hidden = ops.mlp_forward(_flatten(input), list(params[0::2]), list(params[1::2]), last_relu)
+        return _unflatten(output, input), hidden
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+        input, last_relu, *params = inputs
+        output, hidden = outputs
+        ctx.mark_non_differentiable(hidden)
+        ctx.last_relu = last_relu
+        ctx.input_shape = input.shape
+        ctx.has_bias = [b is not None for b in params[1::2]]
+        # As eager: the input only for the first layer's weight gradient, the
+        # output only for a final ReLU's mask; hidden activations always.
+        need_first_weight = ctx.needs_input_grad[2]
+        ctx.save_for_backward(
+            input if need_first_weight else None,
+            hidden,
+            output if last_relu else None,
+            *params[0::2],
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor, _grad_hidden: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        input, hidden, output, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        weight_mask = [bool(needs[2 + 2 * i]) for i in range(len(weights))]
+        bias_mask = [bool(needs[3 + 2 * i]) and has for i, has in enumerate(ctx.has_bias)]
+        input_grad = bool(needs[0])
+        if not (input_grad or any(weight_mask) or any(bias_mask)):
+            return (None,) * len(needs)
+        grad_2d = _flatten(grad_output)
+        input_2d = _flatten(input) if input is not None else _shape_only(grad_2d, ctx.input_shape[-1])
+        output_2d = _flatten(output) if output is not None else None
+        gi, gws, gbs = ops.mlp_backward(
+            grad_2d, input_2d, weights, hidden, output_2d, ctx.last_relu, input_grad, weight_mask, bias_mask
+        )
+        grads: list[torch.Tensor | None] = [gi.reshape(ctx.input_shape) if input_grad else None, None]
+        for gw, gb, mw, mb in zip(gws, gbs, weight_mask, bias_mask):
+            grads += [_or_none(gw, mw), _or_none(gb, mb)]
+        return tuple(grads)
+
+
+class BCEWithLogitsFunction(torch.autograd.Function):
+    """Binary cross-entropy with logits. ``weight`` / ``pos_weight`` are patterns
+    (see :func:`torch_fastmlp.functional.binary_cross_entropy_with_logits`);
+    ``reduction`` is 0 none, 1 mean, 2 sum. For a reduced loss the input gradient
+    is computed in the forward pass and backward only scales it."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        input: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        pos_weight: torch.Tensor | None,
+        reduction: int,
+        input_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.bce_with_logits(input, target, weight, pos_weight, reduction, input_grad)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+        input, target, weight, pos_weight, reduction, _ = inputs
+        _, grad_input = outputs
+        ctx.mark_non_differentiable(grad_input)
+        ctx.reduction = reduction
+        need_input, need_target = ctx.needs_input_grad[:2]
+        # The pre-computed input gradient replaces input and target unless the
+        # elementwise backward needs them (no reduction, or a target gradient).
+        elementwise = need_target or (need_input and reduction == 0)
+        ctx.save_for_backward(
+            grad_input if need_input and reduction != 0 else None,
+            input if elementwise else None,
+            target if elementwise else None,
+            weight if elementwise else None,
+            pos_weight if elementwise else None,
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_grad_input: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        stored_grad, input, target, weight, pos_weight = ctx.saved_tensors
+        need_input, need_target = ctx.needs_input_grad[:2]
+        grad_input = grad_target = None
+        if need_input and stored_grad is not None:
+            grad_input = stored_grad * grad_loss
+        elementwise_input = need_input and stored_grad is None
+        if elementwise_input or need_target:
+            gi, gt = ops.bce_with_logits_backward(
+                grad_loss, input, target, weight, pos_weight, ctx.reduction, [elementwise_input, need_target]
+            )
+            grad_input = gi if elementwise_input else grad_input
+            grad_target = gt if need_target else None
+        return grad_input, grad_target, None, None, None, None

@@ -1,0 +1,91 @@
+"""Functional API with ``torch.nn.functional``'s signatures, backed by the fused ops."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import _reduction
+
+from ._ops import check_device
+from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction
+
+__all__ = ["binary_cross_entropy_with_logits", "linear", "linear_relu"]
+
+
+def _check_tensor(value: object, name: str, fn: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(value).__name__}")
+
+
+def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn: str) -> None:
+    _check_tensor(input, "input", fn)
+    _check_tensor(weight, "weight", fn)
+    if bias is not None:
+        _check_tensor(bias, "bias", fn)
+    if input.dim() == 0:
+        raise RuntimeError(f"{fn}(): input must have at least 1 dimension, got a 0-D tensor")
+    check_device(input, weight, bias)
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``input @ weight.T + bias`` like :func:`torch.nn.functional.linear`, with the
+    bias add fused into the GEMM epilogue. ``input`` is ``[*, in_features]``."""
+    _check_linear(input, weight, bias, "linear")
+    return LinearFunction.apply(input, weight, bias)
+
+
+def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(input @ weight.T + bias)`` in one fused op, forward and backward."""
+    _check_linear(input, weight, bias, "linear_relu")
+    return LinearReLUFunction.apply(input, weight, bias)
+
+
+def _pattern(t: torch.Tensor | None, shape: torch.Size, name: str) -> torch.Tensor | None:
+    """``t`` broadcast to ``shape`` as the shortest flat pattern that repeats along
+    the flattened input: e.g. a per-class ``[C]`` pos_weight over ``[B, C]`` stays
+    ``C`` values, a full ``[B, C]`` weight becomes ``B * C`` values."""
+    if t is None:
+        return None
+    _check_tensor(t, name, "binary_cross_entropy_with_logits")
+    try:
+        if torch.broadcast_shapes(t.shape, shape) != shape:
+            raise RuntimeError
+    except RuntimeError:
+        raise RuntimeError(
+            f"binary_cross_entropy_with_logits: {name} of shape {tuple(t.shape)} cannot be "
+            f"broadcast to the input's shape {tuple(shape)}"
+        ) from None
+    padded = t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape))
+    lead = next((i for i, size in enumerate(padded.shape) if size != 1), len(shape))
+    return padded.expand(shape)[(0,) * lead].reshape(-1)
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same signature, defaults, errors and results as
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits`, computed by the
+    fused kernels (the loss and its input gradient in one pass)."""
+    fn = "binary_cross_entropy_with_logits"
+    _check_tensor(input, "input", fn)
+    _check_tensor(target, "target", fn)
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    reduction_enum = _reduction.get_enum(reduction)  # ValueError for a bad string, as torch
+    if target.size() != input.size():
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    check_device(input, target, weight, pos_weight)
+    loss, _ = BCEWithLogitsFunction.apply(
+        input,
+        target,
+        _pattern(weight, input.shape, "weight"),
+        _pattern(pos_weight, input.shape, "pos_weight"),
+        reduction_enum,
+        input.requires_grad and torch.is_grad_enabled(),
+    )
+    return loss

@@ -1,0 +1,222 @@
+"""Drop-in ``nn.Module``s: the same constructors, parameters, ``state_dict``
+keys and ``repr`` as their ``torch.nn`` counterparts, computed by the fused ops."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import functional as F
+from ._ops import device_supported
+from .autograd import MLPFunction
+
+__all__ = ["BCEWithLogitsLoss", "FusedLinearReLU", "MLP", "Sequential", "fuse"]
+
+_warned_devices: set[str] = set()
+
+
+def _fast_path_ok(input: object, device: torch.device | None = None) -> bool:
+    """Whether the fused kernels can serve this call; otherwise the module runs
+    torch.nn's own code (which then also raises torch.nn's own errors)."""
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        return False
+    device = input.device if device is None else device
+    if not device_supported(device):
+        if device.type not in _warned_devices:
+            _warned_devices.add(device.type)
+            warnings.warn(
+                f"torch_fastmlp has no kernels for {device.type} in this build; "
+                "falling back to torch.nn (see `python -m torch_fastmlp.info`)",
+                stacklevel=3,
+            )
+        return False
+    return not torch.is_autocast_enabled(device.type)
+
+
+class FusedLinearReLU(nn.Linear):
+    """``nn.Linear`` followed by ReLU, fused: ``relu(input @ weight.T + bias)``.
+
+    Same constructor, parameters and initialisation as :class:`torch.nn.Linear`
+    (the same seed gives the same weights)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _fast_path_ok(input) and input.dtype == self.weight.dtype and input.device == self.weight.device:
+            return F.linear_relu(input, self.weight, self.bias)
+        return torch.relu(super().forward(input))
+
+
+class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    """:class:`torch.nn.BCEWithLogitsLoss` computed by the fused kernels: the same
+    constructor, buffers (``weight``, ``pos_weight``), ``state_dict`` and results."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if _fast_path_ok(input):
+            return F.binary_cross_entropy_with_logits(
+                input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+            )
+        return super().forward(input, target)
+
+
+# --- Sequential -----------------------------------------------------------------
+
+class _Chain:
+    """A run of Linear(+ReLU) layers executed as one fused op."""
+
+    __slots__ = ("linears", "last_relu", "modules", "in_features")
+
+    def __init__(self, linears: list[nn.Linear], last_relu: bool, modules: list[nn.Module]) -> None:
+        self.linears = linears
+        self.last_relu = last_relu
+        self.modules = modules  # every module the chain replaces, ReLUs included
+        self.in_features = linears[0].in_features
+
+    def params(self) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for lin in self.linears:
+            out += [lin.weight, lin.bias]
+        return out
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear or type(m) is FusedLinearReLU
+
+
+def _is_relu(m: nn.Module) -> bool:
+    return type(m) is nn.ReLU
+
+
+def _plan(modules: Sequence[nn.Module]) -> list[_Chain | nn.Module]:
+    """Split a Sequential's modules into fused chains and modules run as they are.
+
+    A chain is (Linear ReLU)* Linear [ReLU]: ReLU between every pair of layers,
+    optional after the last. Any other module ends the chain."""
+    plan: list[_Chain | nn.Module] = []
+    i, n = 0, len(modules)
+    while i < n:
+        if not _is_linear(modules[i]):
+            plan.append(modules[i])
+            i += 1
+            continue
+        linears: list[nn.Linear] = []
+        covered: list[nn.Module] = []
+        relu = False
+        while i < n and _is_linear(modules[i]):
+            lin = modules[i]
+            linears.append(lin)
+            covered.append(lin)
+            i += 1
+            relu = type(lin) is FusedLinearReLU
+            if i < n and _is_relu(modules[i]) and not relu:
+                covered.append(modules[i])
+                relu = True
+                i += 1
+            if not relu:
+                break  # no activation: this layer closes the chain
+        plan.append(_Chain(linears, relu, covered))
+    return plan
+
+
+def _has_hooks(modules: Iterable[nn.Module]) -> bool:
+    from torch.nn.modules import module as module_mod
+
+    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+class Sequential(nn.Sequential):
+    """Drop-in :class:`torch.nn.Sequential` that runs every Linear(+ReLU) chain
+    as one fused op (one op forward, one backward, for the whole chain).
+
+    Same constructor (modules or an ``OrderedDict``), indexing, slicing,
+    ``append``, ``repr`` and ``state_dict`` keys as ``nn.Sequential``. Other
+    modules run as they are between fused chains. A chain falls back to running
+    its modules one by one when that is what the user would observe differently:
+    hooks registered on them, autocast, mixed dtypes or devices, or an input the
+    kernels do not take (torch.nn then raises its own errors)."""
+
+    def _get_plan(self) -> list[_Chain | nn.Module]:
+        modules = list(self._modules.values())
+        key = tuple(map(id, modules))
+        cached = self.__dict__.get("_fastmlp_plan")
+        if cached is None or cached[0] != key:
+            cached = (key, _plan(modules))
+            self.__dict__["_fastmlp_plan"] = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_fastmlp_plan", None)  # derived; rebuilt on first forward
+        return state
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        for step in self._get_plan():
+            if isinstance(step, _Chain):
+                input = self._run_chain(step, input)
+            else:
+                input = step(input)
+        return input
+
+    @staticmethod
+    def _run_chain(chain: _Chain, input: torch.Tensor) -> torch.Tensor:
+        params = chain.params()
+        weight = params[0]
+        fused = (
+            _fast_path_ok(input, weight.device)
+            and input.dim() >= 1
+            and input.shape[-1] == chain.in_features
+            and all(p is None or (p.dtype == input.dtype and p.device == input.device) for p in params)
+            and not _has_hooks(chain.modules)
+        )
+        if not fused:
+            for m in chain.modules:
+                input = m(input)
+            return input
+        return MLPFunction.apply(input, chain.last_relu, *params)[0]
+
+
+class MLP(Sequential):
+    """A Linear(+ReLU) stack from a list of sizes, e.g. ``MLP([784, 30, 1])`` is
+    ``Linear(784, 30) -> ReLU -> Linear(30, 1)`` (compare ``apex.mlp.MLP``).
+
+    Args:
+        sizes: layer widths, input first; at least two.
+        bias: whether the Linear layers have a bias.
+        activation: ``"relu"`` or ``None``, between layers.
+        last_activation: ``"relu"`` or ``None``, after the last layer.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        bias: bool = True,
+        activation: str | None = "relu",
+        last_activation: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if len(sizes) < 2:
+            raise ValueError(f"MLP needs at least an input and an output size, got sizes={list(sizes)}")
+        for name, act in (("activation", activation), ("last_activation", last_activation)):
+            if act not in ("relu", None):
+                raise ValueError(f"MLP: {name} must be 'relu' or None, got {act!r}")
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype))
+            last = i == len(sizes) - 2
+            if (activation if not last else last_activation) == "relu":
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+
+def fuse(module: nn.Module) -> nn.Module:
+    """Convert, in place, every ``nn.Sequential`` in ``module`` (itself and nested
+    ones) into a :class:`torch_fastmlp.Sequential`. Parameters stay the same
+    objects, so optimizers that already hold them keep working. Returns ``module``."""
+    for m in module.modules():
+        if type(m) is nn.Sequential:
+            m.__class__ = Sequential
+    return module
