@@ -1,0 +1,29 @@
+// The one kernel launcher of the project. Under nvcc it is a real <<<>>> launch
+// followed by C10_CUDA_KERNEL_LAUNCH_CHECK(); compiled by a host compiler with
+// csrc/emu/cuda_emu.h included first (the CPU test harness), it runs the very
+// same kernel on the CPU with CUDA's execution semantics.
+#pragma once
+#include <utility>
+
+#if defined(__CUDACC__)
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+#elif !defined(FASTMLP_CUDA_EMU)
+#error "launch.cuh needs nvcc, or csrc/emu/cuda_emu.h included first"
+#endif
+
+namespace fastmlp::cuda {
+
+template <typename... KernelArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,
+                          cudaStream_t stream, Args&&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;  // nothing to do (empty tensors)
+#if defined(__CUDACC__)
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+  ::fastmlp_emu::launch(kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
+#endif
+}
+
+}  // namespace fastmlp::cuda
