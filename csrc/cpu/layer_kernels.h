@@ -117,9 +117,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_backward(
   return {grad_x, grad_w, grad_b};
 }
 
-// The op contract returns gradients that were not asked for as empty tensors.
-inline at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
-  return t.defined() ? t : at::empty({0}, like.options());
-}
+// The CPU backend of LayerOps (see common/layer_ops.h).
+struct CpuKernels {
+  struct Guard {
+    explicit Guard(const c10::Device&) {}
+  };
+  static void linear_act_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                              const c10::optional<at::Tensor>& bias, bool relu) {
+    cpu::linear_act_into(out, x, w, bias, relu);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_backward(
+      const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, bool relu,
+      bool want_x, bool want_w, bool want_b) {
+    return cpu::layer_backward(g, x, w, y, relu, want_x, want_w, want_b);
+  }
+};
 
 }  // namespace fastmlp::cpu
