@@ -3,6 +3,10 @@
 Each saves only what its backward reads (never more than eager ``torch.nn``
 saves) and computes only the gradients autograd asks for, so frozen layers and
 inputs that do not require grad cost nothing extra.
+
+They use the ``forward(ctx, ...)`` form: the ``setup_context`` form binds
+arguments through ``inspect.signature`` on every call (~15 µs), which alone
+would cost a small batch more than its kernels.
 """
 
 from __future__ import annotations
@@ -10,18 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from ._ops import ops
 
 
 def _flatten(input: torch.Tensor) -> torch.Tensor:
     """``[*, in]`` -> ``[B, in]`` (a view when possible), as nn.Linear accepts."""
-    return input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input
+    return input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
 
 
-def _unflatten(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-    return out if input.dim() == 2 else out.reshape(*input.shape[:-1], out.shape[-1])
+def _unflatten(out: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+    return out if len(input_shape) == 2 else out.reshape(*input_shape[:-1], out.shape[-1])
 
 
 def _shape_only(like: torch.Tensor, cols: int) -> torch.Tensor:
@@ -30,22 +34,14 @@ def _shape_only(like: torch.Tensor, cols: int) -> torch.Tensor:
     return like.new_zeros(()).expand(like.shape[0], cols)
 
 
-def _or_none(grad: torch.Tensor, wanted: bool) -> torch.Tensor | None:
-    return grad if wanted else None
-
-
 class _LinearActFunction(torch.autograd.Function):
     """``act(input @ weight.T + bias)``; subclasses fix ``act``."""
 
     relu: bool = False
 
     @classmethod
-    def forward(cls, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        return _unflatten(ops.linear_act(_flatten(input), weight, bias, cls.relu), input)
-
-    @classmethod
-    def setup_context(cls, ctx: FunctionCtx, inputs: tuple[Any, ...], output: torch.Tensor) -> None:  # type: ignore[override]
-        input, weight, bias = inputs
+    def forward(cls, ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        output = ops.linear_act(_flatten(input), weight, bias, cls.relu)
         need_input, need_weight, _ = ctx.needs_input_grad
         ctx.has_bias = bias is not None
         ctx.input_shape = input.shape
@@ -55,12 +51,13 @@ class _LinearActFunction(torch.autograd.Function):
             weight if need_input else None,
             output if cls.relu else None,
         )
+        return _unflatten(output, input.shape)
 
     @classmethod
     @once_differentiable
     def backward(cls, ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         input, weight, output = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
         if not any(need):
             return None, None, None
         grad_2d = _flatten(grad_output)
@@ -68,10 +65,13 @@ class _LinearActFunction(torch.autograd.Function):
         input_2d = _flatten(input) if input is not None else _shape_only(grad_2d, in_features)
         if weight is None:
             weight = _shape_only(grad_2d.t(), in_features)
-        output_2d = _flatten(output) if output is not None else grad_2d
-        gi, gw, gb = ops.linear_act_backward(grad_2d, input_2d, weight, output_2d, cls.relu, list(need))
-        grad_input = gi.reshape(ctx.input_shape) if need[0] else None
-        return grad_input, _or_none(gw, need[1]), _or_none(gb, need[2])
+        output_2d = output if output is not None else grad_2d  # only read when relu
+        gi, gw, gb = ops.linear_act_backward(grad_2d, input_2d, weight, output_2d, cls.relu, need)
+        return (
+            gi.reshape(ctx.input_shape) if need[0] else None,
+            gw if need[1] else None,
+            gb if need[2] else None,
+        )
 
 
 class LinearReLUFunction(_LinearActFunction):
@@ -89,35 +89,28 @@ class LinearFunction(_LinearActFunction):
 class MLPFunction(torch.autograd.Function):
     """A whole Linear(+ReLU) chain as one op: ReLU after every layer but the last
     (and after the last too when ``last_relu``). ``params`` alternates weight and
-    bias (``None`` for a layer without bias). Returns ``(output, hidden)``; hidden
-    packs the activations backward needs and is not differentiable."""
+    bias (``None`` for a layer without bias)."""
 
     @staticmethod
-    def forward(input: torch.Tensor, last_relu: bool, *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        output, hidden = ops.mlp_forward(_flatten(input), list(params[0::2]), list(params[1::2]), last_relu)
-        return _unflatten(output, input), hidden
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
-        input, last_relu, *params = inputs
-        output, hidden = outputs
-        ctx.mark_non_differentiable(hidden)
+    def forward(ctx: Any, input: torch.Tensor, last_relu: bool, *params: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        weights = params[0::2]
+        output, hidden = ops.mlp_forward(_flatten(input), weights, params[1::2], last_relu)
         ctx.last_relu = last_relu
         ctx.input_shape = input.shape
         ctx.has_bias = [b is not None for b in params[1::2]]
         # As eager: the input only for the first layer's weight gradient, the
-        # output only for a final ReLU's mask; hidden activations always.
-        need_first_weight = ctx.needs_input_grad[2]
+        # output only for a final ReLU's mask; the hidden activations always.
         ctx.save_for_backward(
-            input if need_first_weight else None,
+            input if ctx.needs_input_grad[2] else None,
             hidden,
             output if last_relu else None,
-            *params[0::2],
+            *weights,
         )
+        return _unflatten(output, input.shape)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor, _grad_hidden: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         input, hidden, output, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
         weight_mask = [bool(needs[2 + 2 * i]) for i in range(len(weights))]
@@ -127,54 +120,50 @@ class MLPFunction(torch.autograd.Function):
             return (None,) * len(needs)
         grad_2d = _flatten(grad_output)
         input_2d = _flatten(input) if input is not None else _shape_only(grad_2d, ctx.input_shape[-1])
-        output_2d = _flatten(output) if output is not None else None
         gi, gws, gbs = ops.mlp_backward(
-            grad_2d, input_2d, weights, hidden, output_2d, ctx.last_relu, input_grad, weight_mask, bias_mask
+            grad_2d, input_2d, weights, hidden, output, ctx.last_relu, input_grad, weight_mask, bias_mask
         )
         grads: list[torch.Tensor | None] = [gi.reshape(ctx.input_shape) if input_grad else None, None]
         for gw, gb, mw, mb in zip(gws, gbs, weight_mask, bias_mask):
-            grads += [_or_none(gw, mw), _or_none(gb, mb)]
+            grads += [gw if mw else None, gb if mb else None]
         return tuple(grads)
 
 
 class BCEWithLogitsFunction(torch.autograd.Function):
-    """Binary cross-entropy with logits. ``weight`` / ``pos_weight`` are patterns
-    (see :func:`torch_fastmlp.functional.binary_cross_entropy_with_logits`);
-    ``reduction`` is 0 none, 1 mean, 2 sum. For a reduced loss the input gradient
-    is computed in the forward pass and backward only scales it."""
+    """Binary cross-entropy with logits. ``weight`` / ``pos_weight`` are flat
+    patterns repeating along the input (see
+    :func:`torch_fastmlp.functional.binary_cross_entropy_with_logits`);
+    ``reduction`` is 0 none, 1 mean, 2 sum. For a reduced loss the input
+    gradient is computed in the forward pass and backward only scales it."""
 
     @staticmethod
     def forward(  # type: ignore[override]
+        ctx: Any,
         input: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor | None,
         pos_weight: torch.Tensor | None,
         reduction: int,
-        input_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.bce_with_logits(input, target, weight, pos_weight, reduction, input_grad)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
-        input, target, weight, pos_weight, reduction, _ = inputs
-        _, grad_input = outputs
-        ctx.mark_non_differentiable(grad_input)
-        ctx.reduction = reduction
+    ) -> torch.Tensor:
         need_input, need_target = ctx.needs_input_grad[:2]
+        reduced = reduction != 0
+        loss, grad_input = ops.bce_with_logits(input, target, weight, pos_weight, reduction, need_input and reduced)
+        ctx.reduction = reduction
         # The pre-computed input gradient replaces input and target unless the
         # elementwise backward needs them (no reduction, or a target gradient).
-        elementwise = need_target or (need_input and reduction == 0)
+        elementwise = need_target or (need_input and not reduced)
         ctx.save_for_backward(
-            grad_input if need_input and reduction != 0 else None,
+            grad_input if need_input and reduced else None,
             input if elementwise else None,
             target if elementwise else None,
             weight if elementwise else None,
             pos_weight if elementwise else None,
         )
+        return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_grad_input: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         stored_grad, input, target, weight, pos_weight = ctx.saved_tensors
         need_input, need_target = ctx.needs_input_grad[:2]
         grad_input = grad_target = None
@@ -185,6 +174,8 @@ class BCEWithLogitsFunction(torch.autograd.Function):
             gi, gt = ops.bce_with_logits_backward(
                 grad_loss, input, target, weight, pos_weight, ctx.reduction, [elementwise_input, need_target]
             )
-            grad_input = gi if elementwise_input else grad_input
-            grad_target = gt if need_target else None
-        return grad_input, grad_target, None, None, None, None
+            if elementwise_input:
+                grad_input = gi
+            if need_target:
+                grad_target = gt
+        return grad_input, grad_target, None, None, None

@@ -80,12 +80,10 @@ def binary_cross_entropy_with_logits(
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     check_device(input, target, weight, pos_weight)
-    loss, _ = BCEWithLogitsFunction.apply(
+    return BCEWithLogitsFunction.apply(
         input,
         target,
         _pattern(weight, input.shape, "weight"),
         _pattern(pos_weight, input.shape, "pos_weight"),
         reduction_enum,
-        input.requires_grad and torch.is_grad_enabled(),
     )
-    return loss

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from . import functional as F
 from ._ops import device_supported
@@ -18,12 +19,12 @@ __all__ = ["BCEWithLogitsLoss", "FusedLinearReLU", "MLP", "Sequential", "fuse"]
 _warned_devices: set[str] = set()
 
 
-def _fast_path_ok(input: object, device: torch.device | None = None) -> bool:
+def _fast_path_ok(input: object) -> bool:
     """Whether the fused kernels can serve this call; otherwise the module runs
     torch.nn's own code (which then also raises torch.nn's own errors)."""
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         return False
-    device = input.device if device is None else device
+    device = input.device
     if not device_supported(device):
         if device.type not in _warned_devices:
             _warned_devices.add(device.type)
@@ -120,11 +121,22 @@ def _plan(modules: Sequence[nn.Module]) -> list[_Chain | nn.Module]:
 
 
 def _has_hooks(modules: Iterable[nn.Module]) -> bool:
-    from torch.nn.modules import module as module_mod
-
-    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+    """Forward hooks (global or on any of ``modules``) must see the modules run."""
+    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _chain_fusable(chain: _Chain, params: list[torch.Tensor | None], input: object) -> bool:
+    """Whether the fused op can run this chain on ``input`` exactly as the
+    modules would. Kept cheap: it runs on every forward."""
+    if not isinstance(input, torch.Tensor) or input.dim() == 0 or input.shape[-1] != chain.in_features:
+        return False
+    dtype, device = input.dtype, input.device
+    for p in params:
+        if p is not None and (p.dtype != dtype or p.device != device):
+            return False
+    return not _has_hooks(chain.modules) and _fast_path_ok(input)
 
 
 class Sequential(nn.Sequential):
@@ -163,19 +175,11 @@ class Sequential(nn.Sequential):
     @staticmethod
     def _run_chain(chain: _Chain, input: torch.Tensor) -> torch.Tensor:
         params = chain.params()
-        weight = params[0]
-        fused = (
-            _fast_path_ok(input, weight.device)
-            and input.dim() >= 1
-            and input.shape[-1] == chain.in_features
-            and all(p is None or (p.dtype == input.dtype and p.device == input.device) for p in params)
-            and not _has_hooks(chain.modules)
-        )
-        if not fused:
-            for m in chain.modules:
-                input = m(input)
-            return input
-        return MLPFunction.apply(input, chain.last_relu, *params)[0]
+        if _chain_fusable(chain, params, input):
+            return MLPFunction.apply(input, chain.last_relu, *params)
+        for m in chain.modules:
+            input = m(input)
+        return input
 
 
 class MLP(Sequential):

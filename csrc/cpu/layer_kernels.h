@@ -8,8 +8,10 @@
 #include <ATen/Parallel.h>
 
 #include <tuple>
+#include <vector>
 
 #include "common/math.h"
+#include "cpu/narrow_gemm.h"
 
 namespace fastmlp::cpu {
 
@@ -46,36 +48,39 @@ inline void bias_act_(at::Tensor& out, const c10::optional<at::Tensor>& bias, bo
 // y = act(x @ w.T + b) written into `out` ([B, N], contiguous).
 inline void linear_act_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                             const c10::optional<at::Tensor>& bias, bool relu) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (narrow_eligible(x, w.size(0))) {
+    const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_narrow_forward", [&] {
+      narrow_forward<scalar_t>(x, w, has_bias ? b.const_data_ptr<scalar_t>() : nullptr, relu, out);
+    });
+    return;
+  }
   at::mm_out(out, x, w.t());
   bias_act_(out, bias, relu);
 }
 
-// One pass over grad_output: the ReLU-masked gradient (when relu and wanted) and
-// its column sums, the bias gradient (when wanted), reduced deterministically in
-// fixed row chunks. Returns (masked grad or grad_output itself, column sums).
-inline std::tuple<at::Tensor, at::Tensor> mask_and_colsum(const at::Tensor& grad_output,
-                                                          const at::Tensor& output, bool relu,
-                                                          bool want_masked, bool want_colsum) {
+// One pass over grad_output: the ReLU-masked gradient and its column sums (the
+// bias gradient), reduced deterministically in fixed row chunks. Returns
+// (masked gradient, or grad_output itself when there is no mask to apply;
+// column sums or undefined).
+inline std::tuple<at::Tensor, at::Tensor> mask_and_colsum(const at::Tensor& grad_output, const at::Tensor& output,
+                                                          bool relu, bool want_masked, bool want_colsum) {
   at::Tensor g = grad_output.contiguous();
-  const bool mask = relu && want_masked;
-  if (!mask && !want_colsum) return {g, at::Tensor()};
+  const bool write = want_masked && relu;
+  if (!write && !want_colsum) return {g, at::Tensor()};
   const int64_t rows = g.size(0), cols = g.size(1);
-  at::Tensor masked = mask ? at::empty_like(g) : g;
+  at::Tensor masked = write ? at::empty_like(g) : g;
   at::Tensor colsum = want_colsum ? at::empty({cols}, g.options()) : at::Tensor();
   at::Tensor out = relu ? output.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "fastmlp_mask_colsum", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* yp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* mp = masked.data_ptr<scalar_t>();
+    scalar_t* mp = write ? masked.data_ptr<scalar_t>() : nullptr;
     const int64_t chunks = (rows + kReduceChunkRows - 1) / kReduceChunkRows;
-    at::Tensor partial;
-    opmath_t* pp = nullptr;
-    if (want_colsum) {
-      partial = at::zeros({std::max<int64_t>(chunks, 1), cols},
-                          g.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
-      pp = partial.data_ptr<opmath_t>();
-    }
+    std::vector<opmath_t> partial(want_colsum ? chunks * cols : 0, opmath_t(0));
+    opmath_t* pp = want_colsum ? partial.data() : nullptr;
     const int64_t grain = std::max<int64_t>(1, row_grain(cols) / kReduceChunkRows);
     at::parallel_for(0, chunks, grain, [&](int64_t cb, int64_t ce) {
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
@@ -84,11 +89,11 @@ inline std::tuple<at::Tensor, at::Tensor> mask_and_colsum(const at::Tensor& grad
         for (int64_t r = chunk * kReduceChunkRows; r < r_end; ++r) {
           const scalar_t* grow = gp + r * cols;
           const scalar_t* yrow = yp ? yp + r * cols : nullptr;
-          scalar_t* mrow = mp + r * cols;
+          scalar_t* mrow = mp ? mp + r * cols : nullptr;
           for (int64_t c = 0; c < cols; ++c) {
             scalar_t v = grow[c];
             if (yrow && !fastmlp::relu_passes(yrow[c])) v = scalar_t(0);
-            if (mask) mrow[c] = v;
+            if (mrow) mrow[c] = v;
             if (acc) acc[c] += static_cast<opmath_t>(v);
           }
         }
@@ -97,9 +102,9 @@ inline std::tuple<at::Tensor, at::Tensor> mask_and_colsum(const at::Tensor& grad
     if (want_colsum) {
       scalar_t* cs = colsum.data_ptr<scalar_t>();
       for (int64_t c = 0; c < cols; ++c) {
-        opmath_t s = 0;
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) s += pp[chunk * cols + c];
-        cs[c] = static_cast<scalar_t>(s);
+        opmath_t sum = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += pp[chunk * cols + c];
+        cs[c] = static_cast<scalar_t>(sum);
       }
     }
   });
@@ -107,13 +112,21 @@ inline std::tuple<at::Tensor, at::Tensor> mask_and_colsum(const at::Tensor& grad
 }
 
 // Backward of one layer y = act(x @ w.T + b). Returns (grad_x, grad_w, grad_b);
-// ungated outputs are undefined tensors.
+// gradients not wanted are undefined tensors.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_backward(
     const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& w, const at::Tensor& output,
     bool relu, bool want_input, bool want_weight, bool want_bias) {
+  const int64_t n = w.size(0);
   auto [g, grad_b] = mask_and_colsum(grad_output, output, relu, want_input || want_weight, want_bias);
   at::Tensor grad_x = want_input ? at::mm(g, w) : at::Tensor();
-  at::Tensor grad_w = want_weight ? at::mm(g.t(), x) : at::Tensor();
+  at::Tensor grad_w;
+  if (want_weight && narrow_eligible(x, n)) {
+    grad_w = at::empty({n, x.size(1)}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_narrow_weight_grad",
+                               [&] { narrow_weight_grad<scalar_t>(x, g, grad_w); });
+  } else if (want_weight) {
+    grad_w = at::mm(g.t(), x);
+  }
   return {grad_x, grad_w, grad_b};
 }
 
