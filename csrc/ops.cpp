@@ -57,4 +57,13 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def(
       "bce_with_logits_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, int reduction, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_target)");
+
+  // A whole training step's math for an MLP classifier: the chain forward, the
+  // reduced (mean / sum) BCE-with-logits loss, and every gradient of the loss,
+  // in one op. `target` has the logits' shape [B, N_out]. Gradients not asked for
+  // come back as empty tensors; backward only scales these by grad_output.
+  m.def(
+      "mlp_bce_step(Tensor input, Tensor target, Tensor[] weights, Tensor?[] biases, bool last_relu, "
+      "Tensor? weight, Tensor? pos_weight, int reduction, bool input_grad, bool[] weight_mask, bool[] bias_mask) "
+      "-> (Tensor loss, Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
 }

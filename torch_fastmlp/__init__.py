@@ -5,8 +5,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import functional
 from ._ops import CUDA_ARCHS, WITH_CUDA
-from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction, MLPFunction
-from .modules import MLP, BCEWithLogitsLoss, FusedLinearReLU, Sequential, fuse
+from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction, MLPBCEFunction, MLPFunction
+from .modules import MLP, BCEWithLogitsLoss, FusedBCEClassifier, FusedLinearReLU, Sequential, fuse
 
 __version__ = "0.1.0"
 
@@ -14,10 +14,12 @@ __all__ = [
     "BCEWithLogitsFunction",
     "BCEWithLogitsLoss",
     "CUDA_ARCHS",
+    "FusedBCEClassifier",
     "FusedLinearReLU",
     "LinearFunction",
     "LinearReLUFunction",
     "MLP",
+    "MLPBCEFunction",
     "MLPFunction",
     "Sequential",
     "WITH_CUDA",

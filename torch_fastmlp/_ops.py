@@ -94,3 +94,13 @@ def _bce_backward_fake(grad_output, input, target, weight, pos_weight, reduction
         input.new_empty(input.shape) if output_mask[0] else _empty(input),
         input.new_empty(input.shape) if output_mask[1] else _empty(input),
     )
+
+
+@torch.library.register_fake("fastmlp::mlp_bce_step")
+def _mlp_bce_step_fake(
+    input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad, weight_mask, bias_mask
+):
+    grad_input = input.new_empty(input.shape) if input_grad else _empty(input)
+    grad_weights = [input.new_empty(w.shape) if m else _empty(input) for w, m in zip(weights, weight_mask)]
+    grad_biases = [input.new_empty((w.shape[0],)) if m else _empty(input) for w, m in zip(weights, bias_mask)]
+    return input.new_empty(()), grad_input, grad_weights, grad_biases

@@ -179,3 +179,63 @@ class BCEWithLogitsFunction(torch.autograd.Function):
             if need_target:
                 grad_target = gt
         return grad_input, grad_target, None, None, None
+
+
+class MLPBCEFunction(torch.autograd.Function):
+    """The loss of an MLP classifier, ``BCEWithLogits(chain(input), target)``
+    reduced by mean or sum, with every gradient computed in the same op as the
+    loss. Backward only scales the stored gradients by ``grad_output``.
+
+    ``params`` alternates weight and bias like :class:`MLPFunction`; ``weight``
+    and ``pos_weight`` are the loss's flat patterns."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        last_relu: bool,
+        weight: torch.Tensor | None,
+        pos_weight: torch.Tensor | None,
+        reduction: int,
+        *params: torch.Tensor | None,
+    ) -> torch.Tensor:
+        needs = ctx.needs_input_grad
+        n_layers = len(params) // 2
+        weight_mask = [bool(needs[6 + 2 * i]) for i in range(n_layers)]
+        bias_mask = [bool(needs[7 + 2 * i]) and params[2 * i + 1] is not None for i in range(n_layers)]
+        input_2d = _flatten(input)
+        loss, grad_input, grad_weights, grad_biases = ops.mlp_bce_step(
+            input_2d,
+            target.reshape(input_2d.shape[0], -1),
+            params[0::2],
+            params[1::2],
+            last_relu,
+            weight,
+            pos_weight,
+            reduction,
+            bool(needs[0]),
+            weight_mask,
+            bias_mask,
+        )
+        ctx.input_shape = input.shape
+        ctx.masks = (bool(needs[0]), weight_mask, bias_mask)
+        ctx.save_for_backward(grad_input, *grad_weights, *grad_biases)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        input_grad, weight_mask, bias_mask = ctx.masks
+        saved = ctx.saved_tensors
+        n_layers = len(weight_mask)
+        grad_input, grad_weights, grad_biases = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
+
+        def scaled(g: torch.Tensor) -> torch.Tensor:
+            return g * grad_loss
+
+        grads: list[torch.Tensor | None] = [scaled(grad_input).reshape(ctx.input_shape) if input_grad else None]
+        grads += [None] * 5
+        for gw, gb, mw, mb in zip(grad_weights, grad_biases, weight_mask, bias_mask):
+            grads += [scaled(gw) if mw else None, scaled(gb) if mb else None]
+        return tuple(grads)

@@ -12,9 +12,9 @@ from torch.nn.modules import module as _nn_module
 
 from . import functional as F
 from ._ops import device_supported
-from .autograd import MLPFunction
+from .autograd import MLPBCEFunction, MLPFunction
 
-__all__ = ["BCEWithLogitsLoss", "FusedLinearReLU", "MLP", "Sequential", "fuse"]
+__all__ = ["BCEWithLogitsLoss", "FusedBCEClassifier", "FusedLinearReLU", "MLP", "Sequential", "fuse"]
 
 _warned_devices: set[str] = set()
 
@@ -139,6 +139,17 @@ def _chain_fusable(chain: _Chain, params: list[torch.Tensor | None], input: obje
     return not _has_hooks(chain.modules) and _fast_path_ok(input)
 
 
+def _cached_plan(seq: nn.Sequential) -> list[_Chain | nn.Module]:
+    """The plan of ``seq``, rebuilt only when its list of modules changed."""
+    modules = list(seq._modules.values())
+    key = tuple(map(id, modules))
+    cached = seq.__dict__.get("_fastmlp_plan")
+    if cached is None or cached[0] != key:
+        cached = (key, _plan(modules))
+        seq.__dict__["_fastmlp_plan"] = cached
+    return cached[1]
+
+
 class Sequential(nn.Sequential):
     """Drop-in :class:`torch.nn.Sequential` that runs every Linear(+ReLU) chain
     as one fused op (one op forward, one backward, for the whole chain).
@@ -151,13 +162,7 @@ class Sequential(nn.Sequential):
     kernels do not take (torch.nn then raises its own errors)."""
 
     def _get_plan(self) -> list[_Chain | nn.Module]:
-        modules = list(self._modules.values())
-        key = tuple(map(id, modules))
-        cached = self.__dict__.get("_fastmlp_plan")
-        if cached is None or cached[0] != key:
-            cached = (key, _plan(modules))
-            self.__dict__["_fastmlp_plan"] = cached
-        return cached[1]
+        return _cached_plan(self)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -214,6 +219,87 @@ class MLP(Sequential):
             if (activation if not last else last_activation) == "relu":
                 layers.append(nn.ReLU())
         super().__init__(*layers)
+
+
+class FusedBCEClassifier(nn.Module):
+    """An MLP classifier and its ``BCEWithLogits`` loss as one fused training step.
+
+    ``forward(input, target)`` returns the loss of ``model(input)``; the same op
+    that computes it also computes every gradient (the chain forward, the loss
+    and its logits gradient, the backward through every layer), so
+    ``loss.backward()`` only scales the stored gradients by the incoming
+    gradient and hands them to autograd: optimizers, gradient clipping, DDP and
+    ``torch.compile`` keep working. ``predict(input)`` returns the logits.
+
+    The fused path serves a ``model`` that is one Linear(+ReLU) chain (an
+    ``nn.Sequential`` or :class:`Sequential` of ``Linear``/``ReLU``); anything
+    else (other modules, hooks, a target that requires grad) runs
+    ``model`` and :class:`BCEWithLogitsLoss` separately, with the same result.
+
+    Args:
+        model: the classifier, mapping ``[*, in_features]`` to logits.
+        pos_weight: as in :class:`torch.nn.BCEWithLogitsLoss`.
+        reduction: ``"mean"`` or ``"sum"`` (``"none"`` has no single-pass form).
+        weight: as in :class:`torch.nn.BCEWithLogitsLoss`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pos_weight: torch.Tensor | None = None,
+        reduction: str = "mean",
+        *,
+        weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"FusedBCEClassifier: reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.model = model
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+    def predict(self, input: torch.Tensor) -> torch.Tensor:
+        """The logits ``model(input)``."""
+        return self.model(input)
+
+    def _fused_chain(self, input: object, target: object) -> tuple[_Chain, list[torch.Tensor | None]] | None:
+        model = self.model
+        if not isinstance(model, nn.Sequential) or model._forward_hooks or model._forward_pre_hooks:
+            return None
+        plan = _cached_plan(model)
+        if len(plan) != 1 or not isinstance(plan[0], _Chain):
+            return None
+        chain = plan[0]
+        params = chain.params()
+        if not _chain_fusable(chain, params, input) or not isinstance(target, torch.Tensor):
+            return None
+        out_features = chain.linears[-1].out_features
+        if target.requires_grad or target.dtype != input.dtype or target.device != input.device:
+            return None
+        if tuple(target.shape) != (*input.shape[:-1], out_features):
+            return None
+        return chain, params
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        fused = self._fused_chain(input, target)
+        if fused is None:
+            return F.binary_cross_entropy_with_logits(
+                self.model(input), target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+            )
+        chain, params = fused
+        return MLPBCEFunction.apply(
+            input,
+            target,
+            chain.last_relu,
+            F._pattern(self.weight, target.shape, "weight"),
+            F._pattern(self.pos_weight, target.shape, "pos_weight"),
+            1 if self.reduction == "mean" else 2,
+            *params,
+        )
 
 
 def fuse(module: nn.Module) -> nn.Module:

@@ -3,6 +3,6 @@
 #include <torch/library.h>
 
 #include "common/layer_ops.h"
-#include "cpu/layer_kernels.h"
+#include "cpu/layer_backend.h"
 
 TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { FASTMLP_REGISTER_LAYER_OPS(m, fastmlp::cpu::CpuKernels); }

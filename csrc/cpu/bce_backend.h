@@ -1,0 +1,106 @@
+// CPU kernels of binary cross-entropy with logits: the loss and, for a reduced
+// loss, d loss / d input in the same pass; an elementwise backward.
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common/bce_ops.h"
+#include "common/math.h"
+
+namespace fastmlp::cpu {
+
+// Elements per chunk of the loss reduction: fixed, so the summation order does
+// not depend on the thread count.
+constexpr int64_t kBceChunk = 4096;
+
+// A weight / pos_weight pattern: `period` values repeating along the input.
+template <typename scalar_t> struct BcePattern {
+  const scalar_t* data = nullptr;
+  int64_t period = 1;
+  explicit BcePattern(const at::Tensor& t) {
+    if (t.defined()) {
+      data = t.const_data_ptr<scalar_t>();
+      period = t.numel();
+    }
+  }
+  at::opmath_type<scalar_t> operator()(int64_t i) const {
+    return data ? static_cast<at::opmath_type<scalar_t>>(data[period == 1 ? 0 : i % period])
+                : at::opmath_type<scalar_t>(1);
+  }
+};
+
+template <typename scalar_t> inline scalar_t* ptr_or_null(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+// The CPU backend of BceOps (see common/bce_ops.h).
+struct CpuBceKernels {
+  struct Guard {
+    explicit Guard(const c10::Device&) {}
+  };
+
+  static void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w, const at::Tensor& pw,
+                      int64_t reduction, at::Tensor& loss, at::Tensor& grad) {
+    const int64_t n = x.numel();
+    const bool reduced = reduction != kReductionNone;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastmlp_bce_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const BcePattern<scalar_t> wt(w), pwt(pw);
+      scalar_t* lp = reduced ? nullptr : loss.data_ptr<scalar_t>();
+      scalar_t* gp = ptr_or_null<scalar_t>(grad);
+      const opmath_t scale = reduction == kReductionMean ? opmath_t(1) / static_cast<opmath_t>(n) : opmath_t(1);
+      const int64_t chunks = (n + kBceChunk - 1) / kBceChunk;
+      std::vector<double> partial(chunks, 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t chunk = cb; chunk < ce; ++chunk) {
+          opmath_t acc = 0;
+          const int64_t end = std::min(n, (chunk + 1) * kBceChunk);
+          for (int64_t i = chunk * kBceChunk; i < end; ++i) {
+            const auto t = bce_terms<opmath_t>(xp[i], yp[i], wt(i), pwt(i));
+            if (lp) lp[i] = static_cast<scalar_t>(t.loss);
+            if (gp) gp[i] = static_cast<scalar_t>(t.grad_input * scale);
+            acc += t.loss;
+          }
+          partial[chunk] = acc;
+        }
+      });
+      if (reduced) {
+        double total = 0;
+        for (double p : partial) total += p;
+        if (reduction == kReductionMean) total /= static_cast<double>(n);  // NaN for an empty input, as torch
+        loss.fill_(static_cast<scalar_t>(total));
+      }
+    });
+  }
+
+  static void backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
+                       const at::Tensor& pw, int64_t reduction, at::Tensor& grad_input, at::Tensor& grad_target) {
+    const int64_t n = x.numel();
+    const bool reduced = reduction != kReductionNone;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastmlp_bce_bwd_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* gop = grad_loss.const_data_ptr<scalar_t>();
+      const BcePattern<scalar_t> wt(w), pwt(pw);
+      scalar_t* gip = ptr_or_null<scalar_t>(grad_input);
+      scalar_t* gtp = ptr_or_null<scalar_t>(grad_target);
+      const opmath_t mean_scale =
+          reduction == kReductionMean ? opmath_t(1) / static_cast<opmath_t>(n) : opmath_t(1);
+      at::parallel_for(0, n, kBceChunk, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const opmath_t scale = static_cast<opmath_t>(gop[reduced ? 0 : i]) * mean_scale;
+          if (gip) gip[i] = static_cast<scalar_t>(bce_terms<opmath_t>(xp[i], yp[i], wt(i), pwt(i)).grad_input * scale);
+          if (gtp) gtp[i] = static_cast<scalar_t>(bce_grad_target<opmath_t>(xp[i], wt(i), pwt(i)) * scale);
+        }
+      });
+    });
+  }
+};
+
+}  // namespace fastmlp::cpu
