@@ -11,6 +11,8 @@ would cost a small batch more than its kernels.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,56 +36,88 @@ def _shape_only(like: torch.Tensor, cols: int) -> torch.Tensor:
     return like.new_zeros(()).expand(like.shape[0], cols)
 
 
-class _LinearActFunction(torch.autograd.Function):
-    """``act(input @ weight.T + bias)``; subclasses fix ``act``."""
+def _first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """``once_differentiable``, plus a clear error for ``create_graph=True``.
 
-    relu: bool = False
+    ``once_differentiable`` alone raises only when the incoming gradient
+    requires grad; a double backward such as a gradient penalty on
+    ``autograd.grad(loss, x, create_graph=True)`` would otherwise get a
+    non-differentiable gradient and a silently wrong result."""
+    once = once_differentiable(backward)
 
-    @classmethod
-    def forward(cls, ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        output = ops.linear_act(_flatten(input), weight, bias, cls.relu)
-        need_input, need_weight, _ = ctx.needs_input_grad
-        ctx.has_bias = bias is not None
-        ctx.input_shape = input.shape
-        # As eager: the input only for grad_weight, the output only for the ReLU mask.
-        ctx.save_for_backward(
-            input if need_weight else None,
-            weight if need_input else None,
-            output if cls.relu else None,
-        )
-        return _unflatten(output, input.shape)
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+            raise RuntimeError(
+                "torch_fastmlp: double backward (create_graph=True) is not supported by the fused "
+                "kernels; use the torch.nn modules for higher-order gradients"
+            )
+        return once(ctx, *grads)
 
-    @classmethod
-    @once_differentiable
-    def backward(cls, ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        input, weight, output = ctx.saved_tensors
-        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
-        if not any(need):
-            return None, None, None
-        grad_2d = _flatten(grad_output)
-        in_features = ctx.input_shape[-1]
-        input_2d = _flatten(input) if input is not None else _shape_only(grad_2d, in_features)
-        if weight is None:
-            weight = _shape_only(grad_2d.t(), in_features)
-        output_2d = output if output is not None else grad_2d  # only read when relu
-        gi, gw, gb = ops.linear_act_backward(grad_2d, input_2d, weight, output_2d, cls.relu, need)
-        return (
-            gi.reshape(ctx.input_shape) if need[0] else None,
-            gw if need[1] else None,
-            gb if need[2] else None,
-        )
+    return wrapper
 
 
-class LinearReLUFunction(_LinearActFunction):
-    """``relu(input @ weight.T + bias)`` in one fused op, forward and backward."""
+def _linear_act_forward(
+    ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    output = ops.linear_act(_flatten(input), weight, bias, relu)
+    need_input, need_weight, _ = ctx.needs_input_grad
+    ctx.has_bias = bias is not None
+    ctx.input_shape = input.shape
+    # As eager: the input only for grad_weight, the output only for the ReLU mask.
+    ctx.save_for_backward(
+        input if need_weight else None,
+        weight if need_input else None,
+        output if relu else None,
+    )
+    return _unflatten(output, input.shape)
 
-    relu = True
+
+def _linear_act_backward(ctx: Any, grad_output: torch.Tensor, relu: bool) -> tuple[torch.Tensor | None, ...]:
+    input, weight, output = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
+    if not any(need):
+        return None, None, None
+    grad_2d = _flatten(grad_output)
+    in_features = ctx.input_shape[-1]
+    input_2d = _flatten(input) if input is not None else _shape_only(grad_2d, in_features)
+    if weight is None:
+        weight = _shape_only(grad_2d.t(), in_features)
+    output_2d = output if output is not None else grad_2d  # only read when relu
+    gi, gw, gb = ops.linear_act_backward(grad_2d, input_2d, weight, output_2d, relu, need)
+    return (
+        gi.reshape(ctx.input_shape) if need[0] else None,
+        gw if need[1] else None,
+        gb if need[2] else None,
+    )
 
 
-class LinearFunction(_LinearActFunction):
+class LinearReLUFunction(torch.autograd.Function):
+    """``relu(input @ weight.T + bias)`` in one fused op, forward and backward.
+    Saves only what backward reads: the input (for the weight gradient) and the
+    output (the ReLU mask), as eager ``nn.Linear`` + ``nn.ReLU`` do."""
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return _linear_act_forward(ctx, input, weight, bias, True)
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return _linear_act_backward(ctx, grad_output, True)
+
+
+class LinearFunction(torch.autograd.Function):
     """``input @ weight.T + bias`` with the bias add fused into the GEMM epilogue."""
 
-    relu = False
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return _linear_act_forward(ctx, input, weight, bias, False)
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return _linear_act_backward(ctx, grad_output, False)
 
 
 class MLPFunction(torch.autograd.Function):
@@ -109,7 +143,7 @@ class MLPFunction(torch.autograd.Function):
         return _unflatten(output, input.shape)
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         input, hidden, output, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -124,7 +158,7 @@ class MLPFunction(torch.autograd.Function):
             grad_2d, input_2d, weights, hidden, output, ctx.last_relu, input_grad, weight_mask, bias_mask
         )
         grads: list[torch.Tensor | None] = [gi.reshape(ctx.input_shape) if input_grad else None, None]
-        for gw, gb, mw, mb in zip(gws, gbs, weight_mask, bias_mask):
+        for gw, gb, mw, mb in zip(gws, gbs, weight_mask, bias_mask, strict=True):
             grads += [gw if mw else None, gb if mb else None]
         return tuple(grads)
 
@@ -162,7 +196,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         stored_grad, input, target, weight, pos_weight = ctx.saved_tensors
         need_input, need_target = ctx.needs_input_grad[:2]
@@ -224,7 +258,7 @@ class MLPBCEFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         input_grad, weight_mask, bias_mask = ctx.masks
         saved = ctx.saved_tensors
@@ -236,6 +270,6 @@ class MLPBCEFunction(torch.autograd.Function):
 
         grads: list[torch.Tensor | None] = [scaled(grad_input).reshape(ctx.input_shape) if input_grad else None]
         grads += [None] * 5
-        for gw, gb, mw, mb in zip(grad_weights, grad_biases, weight_mask, bias_mask):
+        for gw, gb, mw, mb in zip(grad_weights, grad_biases, weight_mask, bias_mask, strict=True):
             grads += [scaled(gw) if mw else None, scaled(gb) if mb else None]
         return tuple(grads)

@@ -80,10 +80,17 @@ def binary_cross_entropy_with_logits(
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     check_device(input, target, weight, pos_weight)
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"The function 'binary_cross_entropy_with_logits' is not differentiable with respect to "
+                f"argument '{name}'. This input cannot have requires_grad True."
+            )
+    empty = input.numel() == 0  # weights are irrelevant (and may not broadcast to a 0-size shape)
     return BCEWithLogitsFunction.apply(
         input,
         target,
-        _pattern(weight, input.shape, "weight"),
-        _pattern(pos_weight, input.shape, "pos_weight"),
+        None if empty else _pattern(weight, input.shape, "weight"),
+        None if empty else _pattern(pos_weight, input.shape, "pos_weight"),
         reduction_enum,
     )

@@ -4,6 +4,7 @@ keys and ``repr`` as their ``torch.nn`` counterparts, computed by the fused ops.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -24,6 +25,8 @@ def _fast_path_ok(input: object) -> bool:
     torch.nn's own code (which then also raises torch.nn's own errors)."""
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         return False
+    if torch._C._are_functorch_transforms_active():
+        return False  # torch.func (grad, vmap, ...) runs the torch.nn code
     device = input.device
     if not device_supported(device):
         if device.type not in _warned_devices:
@@ -171,10 +174,7 @@ class Sequential(nn.Sequential):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         for step in self._get_plan():
-            if isinstance(step, _Chain):
-                input = self._run_chain(step, input)
-            else:
-                input = step(input)
+            input = self._run_chain(step, input) if isinstance(step, _Chain) else step(input)
         return input
 
     @staticmethod
@@ -213,12 +213,19 @@ class MLP(Sequential):
             if act not in ("relu", None):
                 raise ValueError(f"MLP: {name} must be 'relu' or None, got {act!r}")
         layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype))
             last = i == len(sizes) - 2
             if (activation if not last else last_activation) == "relu":
                 layers.append(nn.ReLU())
         super().__init__(*layers)
+
+    def __getitem__(self, idx: slice | int) -> nn.Module:
+        # nn.Sequential rebuilds a slice as self.__class__(OrderedDict), which is
+        # not MLP's constructor: a slice of an MLP is a fused Sequential.
+        if isinstance(idx, slice):
+            return Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
 
 
 class FusedBCEClassifier(nn.Module):

@@ -23,6 +23,7 @@ template <class Kernels> struct BceOps {
                                                     bool input_grad) {
     check_bce_args(input, target, weight, pos_weight, reduction);
     typename Kernels::Guard guard(input.device());
+    BelowAutograd below_autograd;
     const at::Tensor x = input.contiguous(), y = target.contiguous();
     const bool reduced = reduction != kReductionNone;
     at::Tensor loss = reduced ? at::empty({}, x.options()) : at::empty_like(x);
@@ -43,6 +44,7 @@ template <class Kernels> struct BceOps {
                 "fastmlp.bce_with_logits_backward: grad_output of shape ", grad_output.sizes(),
                 " does not match the loss");
     typename Kernels::Guard guard(input.device());
+    BelowAutograd below_autograd;
     const at::Tensor x = input.contiguous(), y = target.contiguous();
     at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::Tensor();
     at::Tensor grad_target = output_mask[1] ? at::empty_like(x) : at::Tensor();

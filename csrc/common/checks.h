@@ -7,6 +7,12 @@
 
 namespace fastmlp {
 
+// Kernels call ATen ops on tensors that may require grad (the parameters); the
+// autograd.Functions own differentiation, so those nested calls must dispatch
+// below autograd (this also holds on worker threads, which do not inherit the
+// caller's grad mode).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fastmlp: expected ", name,
               " to be a floating point tensor, but got ", t.scalar_type());
@@ -91,7 +97,7 @@ inline void check_bce_pattern(const c10::optional<at::Tensor>& t, const at::Tens
   if (!t.has_value() || !t->defined()) return;
   check_same(*t, input, name, "input");
   const int64_t p = t->numel();
-  TORCH_CHECK(p > 0 && (input.numel() == 0 || input.numel() % p == 0), "fastmlp.bce_with_logits: ", name,
+  TORCH_CHECK(input.numel() == 0 || (p > 0 && input.numel() % p == 0), "fastmlp.bce_with_logits: ", name,
               " with ", p, " elements does not tile an input of ", input.numel(), " elements");
 }
 

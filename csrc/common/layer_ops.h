@@ -25,6 +25,7 @@ template <class Kernels> struct LayerOps {
                                const c10::optional<at::Tensor>& bias, bool relu) {
     check_linear_args(input, weight, bias);
     typename Kernels::Guard guard(input.device());
+    BelowAutograd below_autograd;
     at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
     Kernels::linear_act_into(out, input, weight, bias, relu);
     return out;
@@ -41,6 +42,7 @@ template <class Kernels> struct LayerOps {
     TORCH_CHECK(!relu || output.sizes() == out_shape, "fastmlp.linear_act_backward: expected output of shape ",
                 out_shape, ", got ", output.sizes());
     typename Kernels::Guard guard(input.device());
+    BelowAutograd below_autograd;
     auto [gx, gw, gb] = Kernels::layer_backward(grad_output, input, weight, output, relu, output_mask[0],
                                                 output_mask[1], output_mask[2]);
     return {or_empty(gx, input), or_empty(gw, input), or_empty(gb, input)};
@@ -51,6 +53,7 @@ template <class Kernels> struct LayerOps {
                                                         bool last_relu) {
     check_mlp_args(input, weights, biases);
     typename Kernels::Guard guard(input.device());
+    BelowAutograd below_autograd;
     const int64_t batch = input.size(0);
     const std::vector<int64_t> offsets = hidden_offsets(batch, weights);
     at::Tensor hidden = at::empty({offsets.back()}, input.options());
@@ -84,6 +87,7 @@ template <class Kernels> struct LayerOps {
                 "fastmlp.mlp_backward: grad_output has shape ", grad_output.sizes(), ", expected [", batch, ", ",
                 weights.back().size(0), "]");
     typename Kernels::Guard guard(input.device());
+    BelowAutograd below_autograd;
 
     // Layers below the lowest one that needs a gradient are never visited.
     size_t lowest = layers;

@@ -1,10 +1,133 @@
-// Registers the CPU kernel of fastmlp::mlp_bce_step (the whole training step's math).
+// CPU kernel of fastmlp::mlp_bce_step (the whole training step's math).
+//
+// For a narrow chain (every hidden width <= 128) and a batch of more than one
+// tile, rows are processed in tiles of kTileRows: each tile runs forward, loss,
+// logits gradient and backward while its rows of the input are still in cache,
+// so the input is read from memory once per step instead of twice (forward,
+// then the first layer's weight gradient). Tiles are grouped into a fixed number
+// of partials (a function of the batch size only); each partial accumulates its
+// tiles in order and the partials are summed in order, so the result does not
+// depend on the thread count. Anything else takes the generic composition.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "common/mlp_bce_ops.h"
 #include "cpu/bce_backend.h"
 #include "cpu/layer_backend.h"
 
-TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
-  m.impl("mlp_bce_step", &fastmlp::MlpBceOps<fastmlp::cpu::CpuKernels, fastmlp::cpu::CpuBceKernels>::step);
+namespace fastmlp::cpu {
+namespace {
+
+using Generic = MlpBceOps<CpuKernels, CpuBceKernels>;
+using Layers = LayerOps<CpuKernels>;
+using Bce = BceOps<CpuBceKernels>;
+
+constexpr int64_t kTileRows = 1024;  // 784 float features: ~3 MB of input per tile, inside L3
+constexpr int64_t kMaxPartials = 16;  // bounds the partial-gradient memory
+constexpr int64_t kMaxHidden = 128;
+
+using StepResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+bool tiled_eligible(const at::Tensor& input, at::TensorList weights) {
+  if (input.size(0) <= kTileRows) return false;
+  if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
+  for (size_t l = 0; l + 1 < weights.size(); ++l) {
+    if (weights[l].size(0) > kMaxHidden) return false;
+  }
+  return true;
 }
+
+// acc = t (first) or acc += t, keeping undefined/empty (not asked for) as is.
+void accumulate(at::Tensor& acc, const at::Tensor& t) {
+  if (t.numel() == 0 && (!acc.defined() || acc.numel() == 0)) {
+    acc = t;
+  } else if (!acc.defined()) {
+    acc = t.clone();
+  } else {
+    acc.add_(t);
+  }
+}
+
+StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
+                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
+                const c10::List<bool>& bias_mask) {
+  check_mlp_args(input, weights, biases);
+  if (!tiled_eligible(input, weights)) {
+    return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
+                         weight_mask, bias_mask);
+  }
+  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum,
+              "fastmlp.mlp_bce_step: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+  const int64_t batch = input.size(0), out_features = weights.back().size(0);
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == batch && target.size(1) == out_features,
+              "fastmlp.mlp_bce_step: Target size (", target.sizes(), ") must be the same as input size ([", batch,
+              ", ", out_features, "])");
+  check_same(target, input, "target", "input");
+  // Per-element weights are patterns along the flattened [B, N_out] logits; a
+  // tile of whole rows sees them from offset 0 only when they repeat per row.
+  auto per_row = [&](const c10::optional<at::Tensor>& t) {
+    return !t.has_value() || !t->defined() || out_features % t->numel() == 0;
+  };
+  if (!per_row(weight) || !per_row(pos_weight)) {
+    return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
+                         weight_mask, bias_mask);
+  }
+
+  const size_t layers = weights.size();
+  const int64_t tiles = (batch + kTileRows - 1) / kTileRows;
+  const int64_t tiles_per_partial = (tiles + kMaxPartials - 1) / kMaxPartials;
+  const int64_t partials = (tiles + tiles_per_partial - 1) / tiles_per_partial;
+  const double mean_scale = reduction == kReductionMean ? 1.0 / static_cast<double>(batch * out_features) : 1.0;
+
+  at::Tensor grad_input = input_grad ? at::empty(input.sizes(), input.options()) : at::Tensor();
+  std::vector<double> loss_partial(partials, 0.0);
+  std::vector<std::vector<at::Tensor>> gw(partials, std::vector<at::Tensor>(layers));
+  std::vector<std::vector<at::Tensor>> gb(partials, std::vector<at::Tensor>(layers));
+
+  at::parallel_for(0, partials, 1, [&](int64_t p_begin, int64_t p_end) {
+    BelowAutograd below_autograd;
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t t_end = std::min(tiles, (p + 1) * tiles_per_partial);
+      for (int64_t t = p * tiles_per_partial; t < t_end; ++t) {
+        const int64_t r0 = t * kTileRows, rows = std::min(kTileRows, batch - r0);
+        const at::Tensor x = input.narrow(0, r0, rows);
+        auto [output, hidden] = Layers::mlp_forward(x, weights, biases, last_relu);
+        // Sum-reduced tile loss; its gradient is per element, scaled for a mean.
+        auto [loss, grad_logits] =
+            Bce::forward(output, target.narrow(0, r0, rows), weight, pos_weight, kReductionSum, true);
+        loss_partial[p] += loss.item<double>();
+        if (mean_scale != 1.0) grad_logits.mul_(mean_scale);
+        auto [gi, tile_gw, tile_gb] = Layers::mlp_backward(grad_logits, x, weights, hidden, output, last_relu,
+                                                           input_grad, weight_mask, bias_mask);
+        if (input_grad) grad_input.narrow(0, r0, rows).copy_(gi);
+        for (size_t l = 0; l < layers; ++l) {
+          accumulate(gw[p][l], tile_gw[l]);
+          accumulate(gb[p][l], tile_gb[l]);
+        }
+      }
+    }
+  });
+
+  double total = 0;
+  for (double v : loss_partial) total += v;
+  at::Tensor loss = at::scalar_tensor(total * mean_scale, input.options());
+  std::vector<at::Tensor> grad_w(layers), grad_b(layers);
+  for (size_t l = 0; l < layers; ++l) {
+    grad_w[l] = gw[0][l];
+    grad_b[l] = gb[0][l];
+    for (int64_t p = 1; p < partials; ++p) {
+      if (grad_w[l].numel() > 0) grad_w[l].add_(gw[p][l]);
+      if (grad_b[l].numel() > 0) grad_b[l].add_(gb[p][l]);
+    }
+  }
+  return {loss, or_empty(grad_input, input), grad_w, grad_b};
+}
+
+}  // namespace
+}  // namespace fastmlp::cpu
+
+TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { m.impl("mlp_bce_step", &fastmlp::cpu::step); }

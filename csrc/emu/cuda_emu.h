@@ -5,25 +5,30 @@
 // (divergent barriers, exited lanes in a warp mask) raises an error.
 // The engine is emu_runtime.h; see there for the design.
 //
-// Memory checking (out-of-bounds, shared-memory races, uninitialized reads)
-// needs the TU compiled with:
-//   -DFASTMLP_EMU_MEMCHECK=1 -fsanitize=kernel-address
-//   --param=asan-instrumentation-with-call-threshold=0 --param=asan-stack=0
-//   --param=asan-globals=0 -fno-sanitize-address-use-after-scope
-// (GCC then calls our __asan_*_noabort callbacks on every access; no sanitizer
-// runtime is linked) and the device buffers registered with
-// fastmlp_emu::BufferScope around the launches.
+// Memory checking (out-of-bounds, writes to inputs, shared-memory races,
+// uninitialized reads) needs the TU compiled with
+//   -DFASTMLP_EMU_MEMCHECK=1 -fsanitize=thread --param=tsan-instrument-func-entry-exit=0
+// (compile flags only: GCC then calls our __tsan_read/write callbacks on every
+// access; no sanitizer runtime is linked) and the device buffers registered
+// with fastmlp_emu::BufferScope around the launches.
 //
 // What kernels must respect to run here (all valid CUDA):
 // - dynamic shared memory: `extern __shared__ __align__(16) unsigned char smem[];`
 //   in a kernel of namespace fastmlp::cuda (element type unsigned char, name
 //   smem; cast to the type needed). Another namespace or name needs a
 //   FASTMLP_EMU_DYNAMIC_SMEM(ns, name) line in the harness TU before the kernel
-//   header; anonymous namespaces are not supported.
+//   header (and -fno-extern-tls-init or FASTMLP_EMU_TLS_INIT_STUB, see below);
+//   anonymous namespaces are not supported.
 // - __syncthreads(), __syncwarp() and the warp intrinsics are macros here: call
 //   them, don't take their address or qualify them (::__syncthreads()).
 // - warp intrinsics exchange trivially copyable values of at most 8 bytes.
 // - no __CUDA_ARCH__-only code paths (it is not defined), no inline PTX.
+// - assert() in a kernel aborts the whole process here (use __trap(), which
+//   raises the launch error); printf works.
+// - the emulated device is an H100: 1024 threads and 48 KiB of dynamic shared
+//   memory per block unless cudaFuncSetAttribute(...MaxDynamicSharedMemorySize)
+//   opts in (up to 227 KiB); cudaDevAttrMultiProcessorCount =
+//   fastmlp_emu::options().sm_count (132).
 #pragma once
 
 #if defined(__CUDACC__)
@@ -410,7 +415,17 @@ inline double max(double a, double b) { return ::fmax(a, b); }
   inline const bool FASTMLP_EMU_CAT(dyn_smem_registered_, __COUNTER__) =                                     \
       register_dyn_smem([]() -> unsigned char* { return ::ns::name; }, #ns "::" #name);                      \
   }
+// GCC (12) routes a block-scope `extern thread_local` through the variable's
+// "TLS init function" _ZTH<mangled name> without seeing that our definition is
+// constant-initialized, and only weakly references that function: with nothing
+// defining it the kernel calls address 0. Either compile the harness TU with
+// -fno-extern-tls-init, or define the (no-op) function with this macro, given
+// the mangled name ("_ZTHN" <len><ns>... <len><name> "E").
+#define FASTMLP_EMU_TLS_INIT_STUB(id, mangled)                                                   \
+  extern "C" __attribute__((weak, visibility("hidden"))) void id() __asm__(mangled);             \
+  extern "C" void id() {}
 FASTMLP_EMU_DYNAMIC_SMEM(fastmlp::cuda, smem)
+FASTMLP_EMU_TLS_INIT_STUB(fastmlp_emu_tls_init_fastmlp_cuda_smem, "_ZTHN7fastmlp4cuda4smemE")
 
 // ---- the launch ------------------------------------------------------------------
 namespace fastmlp_emu {

@@ -15,15 +15,15 @@
 // - Fibers switch with a 15-instruction x86-64 routine (~5 ns); elsewhere, or
 //   with FASTMLP_EMU_UCONTEXT=1, with ucontext (~300 ns, a syscall per switch).
 //
-// Memory checker (only when the TU is built with FASTMLP_EMU_MEMCHECK and
-// memcheck_cflags(), see cuda_emu.h): GCC's kernel-address instrumentation in
-// "outline" mode turns every load/store of the TU into a call to
-// __asan_{load,store}N_noabort(addr). We define those callbacks ourselves (no
-// ASan runtime is linked): while kernel code runs on a fiber they classify the
-// address as fiber stack, shared memory (the module's TLS block, where
-// __shared__ variables live) or global memory (the registered buffers) and
-// check it. Errors stop the offending fiber and abandon the launch; the
-// launch then throws std::runtime_error on the calling thread.
+// Memory checker (only when the TU is built with FASTMLP_EMU_MEMCHECK and the
+// flags in cuda_emu.h): GCC's ThreadSanitizer instrumentation turns every
+// load/store of the TU into a call to __tsan_readN / __tsan_writeN(addr). We
+// define those callbacks ourselves (no sanitizer runtime is linked): while
+// kernel code runs on a fiber they classify the address as fiber stack, shared
+// memory (the module's TLS block, where __shared__ variables live) or global
+// memory (the registered buffers) and check it. An error stops the offending
+// fiber and abandons the launch, which then throws std::runtime_error on the
+// calling thread. What it catches and what it cannot: see tests/test_emu.py.
 #pragma once
 
 #include <cxxabi.h>
@@ -52,7 +52,7 @@
 
 // Runtime code that may execute on a fiber while kernel code is checked must
 // not be instrumented itself (its own bookkeeping would look like wild accesses).
-#define FASTMLP_EMU_NOSAN __attribute__((no_sanitize_address))
+#define FASTMLP_EMU_NOSAN __attribute__((no_sanitize_thread, no_sanitize_address))
 
 #if defined(__x86_64__) && defined(__linux__)
 #define FASTMLP_EMU_ASM_SWITCH 1
@@ -271,14 +271,20 @@ inline std::string demangle(const char* name) {
   return s;
 }
 
-// "0-15,32,40-47" from sorted ids.
+// "0-15,32,40-46:2" (a:b:s = a to b step s) from sorted ids.
 inline std::string format_ids(const std::vector<unsigned>& ids) {
   std::string s;
   for (size_t i = 0; i < ids.size();) {
     size_t j = i;
-    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+    const unsigned step = i + 1 < ids.size() ? ids[i + 1] - ids[i] : 1;
+    while (j + 1 < ids.size() && ids[j + 1] - ids[j] == step) ++j;
     if (!s.empty()) s += ",";
-    s += j == i ? std::to_string(ids[i]) : std::to_string(ids[i]) + "-" + std::to_string(ids[j]);
+    if (j == i || (step != 1 && j == i + 1)) {
+      j = i;
+      s += std::to_string(ids[i]);
+    } else {
+      s += std::to_string(ids[i]) + "-" + std::to_string(ids[j]) + (step == 1 ? "" : ":" + std::to_string(step));
+    }
     i = j + 1;
   }
   return s;
@@ -300,11 +306,12 @@ struct ModuleInfo {
   uintptr_t tls_lo = 0, tls_hi = 0;
   std::vector<std::pair<uintptr_t, uintptr_t>> segments;
   bool symbols_loaded = false;
-  struct TlsSym {
-    uint64_t offset, size;
-    std::string name;
+  uintptr_t load_bias = 0;
+  struct Sym {
+    uint64_t value, size;
+    std::string name;  // mangled
   };
-  std::vector<TlsSym> tls_symbols;
+  std::vector<Sym> tls_symbols, func_symbols;
 
   void load(const void* any_code_address) {
     Dl_info info{};
@@ -324,6 +331,7 @@ struct ModuleInfo {
             if (ph.p_type == PT_LOAD && c->addr >= lo && c->addr < lo + ph.p_memsz) mine = true;
           }
           if (!mine) return 0;
+          c->self->load_bias = p->dlpi_addr;
           for (int i = 0; i < p->dlpi_phnum; ++i) {
             const auto& ph = p->dlpi_phdr[i];
             const uintptr_t lo = p->dlpi_addr + ph.p_vaddr;
@@ -349,7 +357,7 @@ struct ModuleInfo {
     const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(img.data());
     if (eh->e_ident[EI_CLASS] != ELFCLASS64 || eh->e_shoff + eh->e_shnum * sizeof(Elf64_Shdr) > img.size()) return;
     const auto* sh = reinterpret_cast<const Elf64_Shdr*>(img.data() + eh->e_shoff);
-    for (int pass = 0; pass < 2 && tls_symbols.empty(); ++pass) {
+    for (int pass = 0; pass < 2 && func_symbols.empty(); ++pass) {
       const uint32_t want = pass == 0 ? SHT_SYMTAB : SHT_DYNSYM;
       for (int i = 0; i < eh->e_shnum; ++i) {
         if (sh[i].sh_type != want || sh[i].sh_link >= eh->e_shnum) continue;
@@ -357,9 +365,10 @@ struct ModuleInfo {
         if (sh[i].sh_offset + sh[i].sh_size > img.size() || strs.sh_offset + strs.sh_size > img.size()) continue;
         const auto* syms = reinterpret_cast<const Elf64_Sym*>(img.data() + sh[i].sh_offset);
         for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
-          if (ELF64_ST_TYPE(syms[k].st_info) != STT_TLS || syms[k].st_name >= strs.sh_size) continue;
-          tls_symbols.push_back({syms[k].st_value, syms[k].st_size,
-                                 demangle(img.data() + strs.sh_offset + syms[k].st_name)});
+          const int type = ELF64_ST_TYPE(syms[k].st_info);
+          if ((type != STT_TLS && type != STT_FUNC) || syms[k].st_name >= strs.sh_size) continue;
+          (type == STT_TLS ? tls_symbols : func_symbols)
+              .push_back({syms[k].st_value, syms[k].st_size, img.data() + strs.sh_offset + syms[k].st_name});
         }
       }
     }
@@ -370,8 +379,9 @@ struct ModuleInfo {
     if (!symbols_loaded) load_symbols();
     const uint64_t off = addr - tls_lo;
     for (const auto& s : tls_symbols) {
-      if (off >= s.offset && off < s.offset + std::max<uint64_t>(s.size, 1)) {
-        return strprintf("%s + %llu bytes", s.name.c_str(), static_cast<unsigned long long>(off - s.offset));
+      if (off >= s.value && off < s.value + std::max<uint64_t>(s.size, 1)) {
+        return strprintf("%s + %llu bytes", demangle(s.name.c_str()).c_str(),
+                         static_cast<unsigned long long>(off - s.value));
       }
     }
     return strprintf("static __shared__ memory at TLS offset %llu", static_cast<unsigned long long>(off));
@@ -528,22 +538,37 @@ struct Runtime {
   }
 
   // ---- naming -------------------------------------------------------------
-  std::string kernel_name() const {
+  // The kernel's symbol, from the dynamic symbols or else the module's symtab.
+  std::string kernel_name() {
     Dl_info info{};
-    if (dladdr(launch->kernel, &info) != 0 && info.dli_sname != nullptr) return demangle(info.dli_sname);
-    return strprintf("kernel %p (%s)", launch->kernel, launch->signature);
+    if (dladdr(launch->kernel, &info) != 0 && info.dli_sname != nullptr &&
+        info.dli_saddr == launch->kernel) {
+      return demangle(info.dli_sname);
+    }
+    load_module();
+    if (!module.symbols_loaded) module.load_symbols();
+    const uintptr_t a = reinterpret_cast<uintptr_t>(launch->kernel) - module.load_bias;
+    for (const auto& sym : module.func_symbols) {
+      if (sym.value == a) return demangle(sym.name.c_str());
+    }
+    return strprintf("kernel at %p (%s)", launch->kernel, launch->signature);
   }
-  std::string launch_name() const {
+  void load_module() {
+    if (!module_loaded) {
+      module.load(reinterpret_cast<const void*>(&fiber_main_entry));
+      module_loaded = true;
+    }
+  }
+  std::string launch_name() {
     const Dim3 &g = launch->grid, &b = launch->block;
     return strprintf("%s <<<(%u,%u,%u), (%u,%u,%u), %zu>>>", kernel_name().c_str(), g.x, g.y, g.z, b.x, b.y, b.z,
                      launch->smem);
   }
   std::string thread_name(const Fiber& f) const {
-    return strprintf("thread %u (%u,%u,%u) of block (%u,%u,%u)", f.linear, f.tid.x, f.tid.y, f.tid.z, block_idx.x,
-                     block_idx.y, block_idx.z);
+    return strprintf("thread %u (%u,%u,%u)", f.linear, f.tid.x, f.tid.y, f.tid.z);
   }
   std::string site_name(Site s) const { return strprintf("%s:%d", short_file(s.file).c_str(), s.line); }
-  [[noreturn]] void throw_block_error(const std::string& msg) const {
+  [[noreturn]] void throw_block_error(const std::string& msg) {
     throw Error(strprintf("fastmlp_emu: %s, block (%u,%u,%u): ", launch_name().c_str(), block_idx.x, block_idx.y,
                           block_idx.z) +
                 msg);
@@ -579,7 +604,7 @@ struct Runtime {
         for (unsigned x = 0; x < info.grid.x; ++x) run_block(Dim3{x, y, z});
   }
 
-  void validate(const LaunchInfo& info) const {
+  void validate(const LaunchInfo& info) {
     const Dim3 &g = info.grid, &b = info.block;
     const unsigned long long threads = 1ull * b.x * b.y * b.z;
     if (threads == 0 || threads > kMaxThreadsPerBlock || b.x > 1024 || b.y > 1024 || b.z > 64 ||
@@ -782,14 +807,11 @@ struct Runtime {
 
   // ---- memory checker -----------------------------------------------------
   void prepare_memcheck() {
-    if (!module_loaded) {
-      module.load(reinterpret_cast<const void*>(&fiber_main_entry));
-      module_loaded = true;
-      if (module.tls_hi <= module.tls_lo) {
-        throw Error("fastmlp_emu: memcheck cannot locate this module's TLS block (where __shared__ memory lives)");
-      }
-      smem_shadow.assign(module.tls_hi - module.tls_lo, SmemShadow{});
+    load_module();
+    if (module.tls_hi <= module.tls_lo) {
+      throw Error("fastmlp_emu: memcheck cannot locate this module's TLS block (where __shared__ memory lives)");
     }
+    if (smem_shadow.empty()) smem_shadow.assign(module.tls_hi - module.tls_lo, SmemShadow{});
     for (auto& b : buffers) {
       if (b->spec.access != Access::kReadOnly && b->shadow.size() != b->spec.bytes) {
         b->shadow.assign(b->spec.bytes, GlobalShadow{});
@@ -1115,27 +1137,94 @@ inline constexpr bool memcheck_compiled() {
 }  // namespace fastmlp_emu
 
 // ---- the instrumentation callbacks ------------------------------------------
+// GCC's ThreadSanitizer instrumentation (compile-time only; no tsan runtime is
+// linked) calls __tsan_readN / __tsan_writeN before every load / store of
+// memory that may be shared. Unlike ASan's, it keeps a read and a following
+// write of the same address apart (`s[t] += v` is a read and a write), which
+// the race and read-only checks need. Everything else it calls (init, vptr,
+// std::atomic operations of the TU) is implemented here as the plain operation.
 #if defined(FASTMLP_EMU_MEMCHECK)
-#define FASTMLP_EMU_CALLBACK extern "C" __attribute__((weak, visibility("hidden"), no_sanitize_address))
-#define FASTMLP_EMU_DEFINE_CALLBACKS(N)                                                       \
-  FASTMLP_EMU_CALLBACK void __asan_load##N##_noabort(uintptr_t a) {                           \
-    if (auto* r = ::fastmlp_emu::detail::t_check) ::fastmlp_emu::detail::checked(r, a, N, false); \
-  }                                                                                           \
-  FASTMLP_EMU_CALLBACK void __asan_store##N##_noabort(uintptr_t a) {                          \
-    if (auto* r = ::fastmlp_emu::detail::t_check) ::fastmlp_emu::detail::checked(r, a, N, true); \
+#if !defined(__SANITIZE_THREAD__)
+#error "FASTMLP_EMU_MEMCHECK needs the TU compiled with -fsanitize=thread (see fastmlp_emu memcheck flags in cuda_emu.h)"
+#endif
+#define FASTMLP_EMU_CALLBACK \
+  extern "C" __attribute__((weak, visibility("hidden"), no_sanitize_thread, no_sanitize_address))
+#define FASTMLP_EMU_ACCESS(fn, n, write)                                                        \
+  FASTMLP_EMU_CALLBACK void fn(void* a) {                                                       \
+    if (auto* r = ::fastmlp_emu::detail::t_check) {                                             \
+      ::fastmlp_emu::detail::checked(r, reinterpret_cast<uintptr_t>(a), n, write);              \
+    }                                                                                           \
   }
-FASTMLP_EMU_DEFINE_CALLBACKS(1)
-FASTMLP_EMU_DEFINE_CALLBACKS(2)
-FASTMLP_EMU_DEFINE_CALLBACKS(4)
-FASTMLP_EMU_DEFINE_CALLBACKS(8)
-FASTMLP_EMU_DEFINE_CALLBACKS(16)
-FASTMLP_EMU_CALLBACK void __asan_loadN_noabort(uintptr_t a, size_t n) {
-  if (auto* r = ::fastmlp_emu::detail::t_check) ::fastmlp_emu::detail::checked(r, a, n, false);
+#define FASTMLP_EMU_ACCESSES(N)                                 \
+  FASTMLP_EMU_ACCESS(__tsan_read##N, N, false)                  \
+  FASTMLP_EMU_ACCESS(__tsan_write##N, N, true)                  \
+  FASTMLP_EMU_ACCESS(__tsan_unaligned_read##N, N, false)        \
+  FASTMLP_EMU_ACCESS(__tsan_unaligned_write##N, N, true)        \
+  FASTMLP_EMU_ACCESS(__tsan_volatile_read##N, N, false)         \
+  FASTMLP_EMU_ACCESS(__tsan_volatile_write##N, N, true)
+FASTMLP_EMU_ACCESSES(1)
+FASTMLP_EMU_ACCESSES(2)
+FASTMLP_EMU_ACCESSES(4)
+FASTMLP_EMU_ACCESSES(8)
+FASTMLP_EMU_ACCESSES(16)
+FASTMLP_EMU_CALLBACK void __tsan_read_range(void* a, unsigned long n) {
+  if (auto* r = ::fastmlp_emu::detail::t_check) ::fastmlp_emu::detail::checked(r, reinterpret_cast<uintptr_t>(a), n, false);
 }
-FASTMLP_EMU_CALLBACK void __asan_storeN_noabort(uintptr_t a, size_t n) {
-  if (auto* r = ::fastmlp_emu::detail::t_check) ::fastmlp_emu::detail::checked(r, a, n, true);
+FASTMLP_EMU_CALLBACK void __tsan_write_range(void* a, unsigned long n) {
+  if (auto* r = ::fastmlp_emu::detail::t_check) ::fastmlp_emu::detail::checked(r, reinterpret_cast<uintptr_t>(a), n, true);
 }
-FASTMLP_EMU_CALLBACK void __asan_handle_no_return() {}
-#undef FASTMLP_EMU_DEFINE_CALLBACKS
+FASTMLP_EMU_CALLBACK void __tsan_init() {}
+FASTMLP_EMU_CALLBACK void __tsan_func_entry(void*) {}
+FASTMLP_EMU_CALLBACK void __tsan_func_exit() {}
+FASTMLP_EMU_CALLBACK void __tsan_vptr_update(void**, void*) {}
+FASTMLP_EMU_CALLBACK void __tsan_vptr_read(void**) {}
+// std::atomic in the TU (torch's refcounts...): always sequentially consistent.
+#define FASTMLP_EMU_TSAN_ATOMICS(bits, T)                                                                  \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_load(const volatile T* a, int) {                            \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                           \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK void __tsan_atomic##bits##_store(volatile T* a, T v, int) {                         \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                              \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) {                         \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                    \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int) {                        \
+    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                                     \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int) {                        \
+    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                                     \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int) {                        \
+    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                                     \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int) {                         \
+    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                                      \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int) {                        \
+    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                                     \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_fetch_nand(volatile T* a, T v, int) {                       \
+    return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST);                                                    \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) { \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK int __tsan_atomic##bits##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) { \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                \
+  }                                                                                                        \
+  FASTMLP_EMU_CALLBACK T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int, int) {   \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                      \
+    return c;                                                                                              \
+  }
+FASTMLP_EMU_TSAN_ATOMICS(8, unsigned char)
+FASTMLP_EMU_TSAN_ATOMICS(16, unsigned short)
+FASTMLP_EMU_TSAN_ATOMICS(32, unsigned int)
+FASTMLP_EMU_TSAN_ATOMICS(64, unsigned long)
+FASTMLP_EMU_CALLBACK void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+FASTMLP_EMU_CALLBACK void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+#undef FASTMLP_EMU_TSAN_ATOMICS
+#undef FASTMLP_EMU_ACCESSES
+#undef FASTMLP_EMU_ACCESS
 #undef FASTMLP_EMU_CALLBACK
 #endif
