@@ -102,5 +102,7 @@ def _mlp_bce_step_fake(
 ):
     grad_input = input.new_empty(input.shape) if input_grad else _empty(input)
     grad_weights = [input.new_empty(w.shape) if m else _empty(input) for w, m in zip(weights, weight_mask, strict=True)]
-    grad_biases = [input.new_empty((w.shape[0],)) if m else _empty(input) for w, m in zip(weights, bias_mask, strict=True)]
+    grad_biases = [
+        input.new_empty((w.shape[0],)) if m else _empty(input) for w, m in zip(weights, bias_mask, strict=True)
+    ]
     return input.new_empty(()), grad_input, grad_weights, grad_biases
