@@ -169,10 +169,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // enough to be worth it. Depends only on the shape and the SM count, so the
 // summation order is fixed for a given device.
 inline void choose_splits(int64_t M, int64_t N, int64_t K, int sm_count, int* splits, int64_t* k_chunk) {
-  const int64_t tiles = ceil_div(M, kTileM) * ceil_div(N, kTileN);
+  // N == 0 still launches one tile column (for the row sums); M == 0 launches nothing.
+  const int64_t tiles = ceil_div(M, kTileM) * ceil_div(N > 0 ? N : 1, kTileN);
   int64_t s = 1;
   const int64_t min_k_per_split = 8 * kTileK;
-  if (tiles < 2 * sm_count && K >= 2 * min_k_per_split) {
+  if (tiles > 0 && tiles < 2 * sm_count && K >= 2 * min_k_per_split) {
     s = ceil_div(2 * sm_count, tiles);
     const int64_t by_k = K / min_k_per_split;
     if (s > by_k) s = by_k;

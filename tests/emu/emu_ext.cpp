@@ -1,0 +1,374 @@
+// Test extension: runs the project's CUDA kernels (csrc/cuda/*.cuh), the
+// harness self-tests and the deliberately broken kernels on the CPU through
+// the emulation harness (csrc/emu/cuda_emu.h), on CPU tensors. Ops live in
+// torch.ops.fastmlp_emu_test; built by tests/test_emu.py.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "emu/cuda_emu.h"
+// The kernel outside fastmlp::cuda uses its own dynamic shared memory name.
+FASTMLP_EMU_DYNAMIC_SMEM(fastmlp_emu_tests, buf)
+FASTMLP_EMU_TLS_INIT_STUB(fastmlp_emu_tls_init_tests_buf, "_ZTHN17fastmlp_emu_tests3bufE")
+
+#include "broken_kernels.cuh"
+#include "cuda/bce.cuh"
+#include "cuda/gemm.cuh"
+#include "selftest_kernels.cuh"
+
+namespace {
+
+using fastmlp_emu::Access;
+using fastmlp_emu::BufferSpec;
+namespace fc = fastmlp::cuda;
+constexpr cudaStream_t kStream = nullptr;
+
+// The memory a (non-negatively strided) tensor's elements span.
+BufferSpec buffer(const char* name, const at::Tensor& t, Access access) {
+  BufferSpec s;
+  s.name = name;
+  s.access = access;
+  if (!t.defined()) return s;
+  s.data = t.data_ptr();
+  s.elem_size = t.element_size();
+  if (t.numel() > 0) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      TORCH_CHECK(t.stride(d) >= 0, "emu harness: negative strides are not supported");
+      last += (t.size(d) - 1) * t.stride(d);
+    }
+    s.bytes = static_cast<size_t>(last + 1) * s.elem_size;
+  }
+  return s;
+}
+
+// Registers the defined tensors for the memory checks of the launches in scope.
+struct Device {
+  std::vector<BufferSpec> specs;
+  Device& in(const char* name, const at::Tensor& t) { return add(name, t, Access::kReadOnly); }
+  Device& inout(const char* name, const at::Tensor& t) { return add(name, t, Access::kReadWrite); }
+  Device& out(const char* name, const at::Tensor& t) { return add(name, t, Access::kWriteFirst); }
+  Device& add(const char* name, const at::Tensor& t, Access a) {
+    if (t.defined()) specs.push_back(buffer(name, t, a));
+    return *this;
+  }
+};
+
+// Outputs start as NaN (or a sentinel for integers) so an element no kernel
+// wrote cannot pass for a result.
+at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  if (at::isFloatingType(opts.dtype().toScalarType())) {
+    return at::full(shape, std::numeric_limits<double>::quiet_NaN(), opts);
+  }
+  return at::full(shape, -12345, opts);
+}
+
+template <typename T> T* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
+// ---- harness self-tests ------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> block_sum(const at::Tensor& x, int64_t blocks) {
+  TORCH_CHECK(x.is_contiguous() && blocks > 0);
+  at::Tensor partial = empty_output({blocks}, x.options());
+  at::Tensor positives = empty_output({blocks}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_sum", [&] {
+    fastmlp_emu::BufferScope scope(Device().in("x", x).out("partial", partial).out("positives", positives).specs);
+    fc::launch_kernel(fc::selftest_block_sum<scalar_t>, dim3(blocks), dim3(fc::kSelftestThreads), 0, kStream,
+                      x.data_ptr<scalar_t>(), x.numel(), partial.data_ptr<scalar_t>(), positives.data_ptr<int>());
+  });
+  return {partial, positives};
+}
+
+at::Tensor warp_row_sum(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous());
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor out = empty_output({rows, 2}, x.options());
+  const int64_t blocks = (rows + 3) / 4;
+  const unsigned gx = static_cast<unsigned>(blocks < 3 ? blocks : 3);  // a 2-D grid of 4-warp blocks
+  const unsigned gy = static_cast<unsigned>((blocks + gx - 1) / gx);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "warp_row_sum", [&] {
+    fastmlp_emu::BufferScope scope(Device().in("x", x).out("out", out).specs);
+    fc::launch_kernel(fc::selftest_warp_row_sum<scalar_t>, dim3(gx, gy), dim3(128), 0, kStream,
+                      x.data_ptr<scalar_t>(), rows, cols, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor warp_ops(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kInt && x.is_contiguous());
+  at::Tensor out = empty_output({x.size(0), fc::kWarpOpsOut}, x.options());
+  fastmlp_emu::BufferScope scope(Device().in("x", x).out("out", out).specs);
+  fc::launch_kernel(fc::selftest_warp_ops, dim3(1), dim3(static_cast<unsigned>(x.size(0))), 0, kStream,
+                    x.data_ptr<int>(), out.data_ptr<int>());
+  return out;
+}
+
+at::Tensor reverse_chunks(const at::Tensor& x, int64_t block) {
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous());
+  at::Tensor y = empty_output({x.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "reverse_chunks", [&] {
+    fastmlp_emu::BufferScope scope(Device().in("x", x).out("y", y).specs);
+    fc::launch_kernel(fc::selftest_reverse_chunks<scalar_t>, dim3((x.size(0) + block - 1) / block),
+                      dim3(static_cast<unsigned>(block)), block * sizeof(scalar_t), kStream, x.data_ptr<scalar_t>(),
+                      y.data_ptr<scalar_t>(), x.size(0));
+  });
+  return y;
+}
+
+at::Tensor transpose(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous());
+  const int rows = static_cast<int>(x.size(0)), cols = static_cast<int>(x.size(1));
+  at::Tensor y = empty_output({cols, rows}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "transpose", [&] {
+    fastmlp_emu::BufferScope scope(Device().in("x", x).out("y", y).specs);
+    fc::launch_kernel(fc::selftest_transpose<scalar_t>, dim3((cols + fc::kTile - 1) / fc::kTile,
+                                                             (rows + fc::kTile - 1) / fc::kTile),
+                      dim3(fc::kTile, fc::kTileRows), 0, kStream, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows,
+                      cols);
+  });
+  return y;
+}
+
+at::Tensor scale_by_smem_size(const at::Tensor& x, int64_t smem_floats, bool opt_in) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous());
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  const size_t bytes = static_cast<size_t>(smem_floats) * sizeof(float);
+  if (opt_in) {
+    TORCH_CHECK(cudaFuncSetAttribute(fastmlp_emu_tests::scale_by_smem_size,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(bytes)) == cudaSuccess,
+                "cudaFuncSetAttribute failed");
+  }
+  fastmlp_emu::BufferScope scope(Device().in("x", x).out("y", y).specs);
+  fc::launch_kernel(fastmlp_emu_tests::scale_by_smem_size, dim3(1), dim3(64), bytes, kStream, x.data_ptr<float>(),
+                    y.data_ptr<float>(), x.numel(), static_cast<int>(smem_floats));
+  return y;
+}
+
+// ---- deliberately broken kernels ---------------------------------------------
+
+template <bool kBug> void run_broken(const std::string& name, const at::Tensor& x, at::Tensor& y, at::Tensor& part) {
+  const int64_t n = x.numel();
+  const unsigned blocks = static_cast<unsigned>((n + fc::kBrokenThreads - 1) / fc::kBrokenThreads);
+  const dim3 grid(blocks), block(fc::kBrokenThreads);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (name == "off_by_one_read") {
+    fc::launch_kernel(fc::broken_sum_off_by_one<kBug>, grid, block, 0, kStream, xp, n, part.data_ptr<float>());
+  } else if (name == "off_by_one_write") {
+    fc::launch_kernel(fc::broken_copy_write_past_end<kBug>, grid, block, 0, kStream, xp, yp, n);
+  } else if (name == "scan_missing_sync") {
+    fc::launch_kernel(fc::broken_scan_missing_sync<kBug>, grid, block, 0, kStream, xp, yp, n);
+  } else if (name == "reverse_missing_sync") {
+    fc::launch_kernel(fc::broken_reverse_missing_sync<kBug>, grid, block, 0, kStream, xp, yp, n);
+  } else if (name == "early_return_barrier") {
+    fc::launch_kernel(fc::broken_early_return_barrier<kBug>, grid, block, 0, kStream, xp, yp, n);
+  } else if (name == "two_barrier_sites") {
+    fc::launch_kernel(fc::broken_two_barrier_sites<kBug>, grid, block, 0, kStream, xp, yp, n);
+  } else if (name == "shuffle_exited_lanes") {
+    fc::launch_kernel(fc::broken_shuffle_exited_lanes<kBug>, grid, block, 0, kStream, xp, yp, n);
+  } else if (name == "partials_same_slot") {
+    fc::launch_kernel(fc::broken_partials_same_slot<kBug>, grid, block, 0, kStream, xp, n, part.data_ptr<float>());
+  } else if (name == "dynamic_smem_overrun") {
+    fc::launch_kernel(fc::broken_dynamic_smem_overrun<kBug>, grid, block, fc::kBrokenThreads * sizeof(float),
+                      kStream, xp, yp, n);
+  } else if (name == "warp_exchange_missing_syncwarp") {
+    fc::launch_kernel(fc::broken_warp_exchange_missing_syncwarp<kBug>, grid, block, 0, kStream, xp, yp, n);
+  } else if (name == "shuffle_mask_misses_lanes") {
+    fc::launch_kernel(fc::broken_shuffle_mask_misses_lanes<kBug>, grid, block, 0, kStream, xp, yp, n);
+  } else if (name == "writes_input") {
+    fc::launch_kernel(fc::broken_writes_input<kBug>, grid, block, 0, kStream, x.data_ptr<float>(), yp, n);
+  } else {
+    TORCH_CHECK(false, "unknown broken kernel ", name);
+  }
+}
+
+// Returns (y, per-block partials); the tests compare the bug-free runs with torch.
+std::tuple<at::Tensor, at::Tensor> broken(const std::string& name, bool bug, const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1 && x.is_contiguous() && x.numel() > 0);
+  at::Tensor y = empty_output({x.numel()}, x.options());
+  at::Tensor part = empty_output({(x.numel() + fc::kBrokenThreads - 1) / fc::kBrokenThreads}, x.options());
+  fastmlp_emu::BufferScope scope(Device().in("x", x).out("y", y).out("partials", part).specs);
+  if (bug) {
+    run_broken<true>(name, x, y, part);
+  } else {
+    run_broken<false>(name, x, y, part);
+  }
+  return {y, part};
+}
+
+// ---- the project's kernels ---------------------------------------------------
+
+template <typename T> fc::Strided<T> strided(const at::Tensor& t) {
+  fc::Strided<T> s;
+  s.ptr = t.const_data_ptr<T>();
+  s.row_stride = t.stride(0);
+  s.col_stride = t.stride(1);
+  return s;
+}
+
+// c[M, N] = epilogue((a * (mask > 0))[M, K] . b[K, N]), rowsum[M] = row sums of
+// the masked a, through launch_gemm with the split-K choice of a device with
+// `sm_count` SMs. Returns (c, rowsum, splits); c / rowsum undefined if not wanted.
+using MaybeTensor = std::optional<at::Tensor>;
+MaybeTensor maybe(const at::Tensor& t) { return t.defined() ? MaybeTensor(t) : std::nullopt; }
+
+std::tuple<MaybeTensor, MaybeTensor, int64_t> gemm(const at::Tensor& a, const at::Tensor& b,
+                                                  const std::optional<at::Tensor>& a_mask,
+                                                  const std::optional<at::Tensor>& bias, bool relu, bool want_c,
+                                                  bool want_rowsum, int64_t sm_count) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && a.scalar_type() == b.scalar_type());
+  const at::Tensor mask = a_mask.has_value() ? *a_mask : at::Tensor();
+  const at::Tensor bias_t = bias.has_value() ? *bias : at::Tensor();
+  if (mask.defined()) TORCH_CHECK(mask.sizes() == a.sizes());
+  if (bias_t.defined()) TORCH_CHECK(bias_t.dim() == 1 && bias_t.is_contiguous() && bias_t.size(0) == b.size(1));
+  at::Tensor c = want_c ? empty_output({a.size(0), b.size(1)}, a.options()) : at::Tensor();
+  at::Tensor rowsum = want_rowsum ? empty_output({a.size(0)}, a.options()) : at::Tensor();
+  int64_t splits = 0;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "emu_gemm", [&] {
+    using acc = fastmlp::acc_t<scalar_t>;
+    fc::GemmParams<scalar_t> p;
+    p.M = a.size(0);
+    p.N = want_c ? b.size(1) : 0;
+    p.K = a.size(1);
+    p.a = strided<scalar_t>(a);
+    if (mask.defined()) p.a_mask = strided<scalar_t>(mask);
+    p.b = strided<scalar_t>(b);
+    p.bias = bias_t.defined() ? bias_t.const_data_ptr<scalar_t>() : nullptr;
+    p.relu = relu;
+    p.c = ptr<scalar_t>(c);
+    p.a_rowsum = ptr<scalar_t>(rowsum);
+    fc::choose_splits(p.M, p.N, p.K, static_cast<int>(sm_count), &p.splits, &p.k_chunk);
+    splits = p.splits;
+    const int64_t ws_elems = fc::gemm_workspace_elems(p);
+    at::Tensor ws = ws_elems > 0 ? empty_output({ws_elems}, a.options().dtype(c10::CppTypeToScalarType<acc>::value))
+                                 : at::Tensor();
+    fastmlp_emu::BufferScope scope(Device()
+                                       .in("a", a)
+                                       .in("a_mask", mask)
+                                       .in("b", b)
+                                       .in("bias", bias_t)
+                                       .out("c", c)
+                                       .out("a_rowsum", rowsum)
+                                       .out("workspace", ws)
+                                       .specs);
+    fc::launch_gemm(p, ptr<acc>(ws), kStream);
+  });
+  return {maybe(c), maybe(rowsum), splits};
+}
+
+template <typename T> fc::BcePattern<T> pattern(const at::Tensor& t) {
+  fc::BcePattern<T> p;
+  if (t.defined()) {
+    p.ptr = t.const_data_ptr<T>();
+    p.period = t.numel();
+  }
+  return p;
+}
+
+// weight / pos_weight repeat with period numel() along the flattened input,
+// as in csrc/cuda/bce.cu. Returns (loss, grad_input or undefined).
+std::tuple<at::Tensor, MaybeTensor> bce_forward(const at::Tensor& x, const at::Tensor& y,
+                                               const std::optional<at::Tensor>& weight,
+                                               const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                               bool want_grad) {
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes());
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : at::Tensor();
+  at::Tensor loss = reduction == 0 ? empty_output(x.sizes(), x.options()) : empty_output({}, x.options());
+  at::Tensor grad = want_grad && reduction != 0 ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_bce_fwd", [&] {
+    using acc = fastmlp::acc_t<scalar_t>;
+    fc::BceParams<scalar_t> p;
+    p.n = x.numel();
+    p.input = x.const_data_ptr<scalar_t>();
+    p.target = y.const_data_ptr<scalar_t>();
+    p.weight = pattern<scalar_t>(w);
+    p.pos_weight = pattern<scalar_t>(pw);
+    p.reduction = reduction;
+    p.loss = loss.data_ptr<scalar_t>();
+    p.grad_input = ptr<scalar_t>(grad);
+    at::Tensor ws = empty_output({fc::bce_workspace_elems(p.n)}, x.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    fastmlp_emu::BufferScope scope(Device()
+                                       .in("input", x)
+                                       .in("target", y)
+                                       .in("weight", w)
+                                       .in("pos_weight", pw)
+                                       .out("loss", loss)
+                                       .out("grad_input", grad)
+                                       .out("workspace", ws)
+                                       .specs);
+    fc::launch_bce_forward(p, ws.data_ptr<acc>(), kStream);
+  });
+  return {loss, maybe(grad)};
+}
+
+std::tuple<MaybeTensor, MaybeTensor> bce_backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                                bool want_input, bool want_target) {
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && grad_loss.is_contiguous() && x.sizes() == y.sizes());
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : at::Tensor();
+  at::Tensor gi = want_input ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor gt = want_target ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_bce_bwd", [&] {
+    fc::BceParams<scalar_t> p;
+    p.n = x.numel();
+    p.input = x.const_data_ptr<scalar_t>();
+    p.target = y.const_data_ptr<scalar_t>();
+    p.weight = pattern<scalar_t>(w);
+    p.pos_weight = pattern<scalar_t>(pw);
+    p.reduction = reduction;
+    p.grad_output = grad_loss.const_data_ptr<scalar_t>();
+    p.grad_input = ptr<scalar_t>(gi);
+    p.grad_target = ptr<scalar_t>(gt);
+    fastmlp_emu::BufferScope scope(Device()
+                                       .in("grad_output", grad_loss)
+                                       .in("input", x)
+                                       .in("target", y)
+                                       .in("weight", w)
+                                       .in("pos_weight", pw)
+                                       .out("grad_input", gi)
+                                       .out("grad_target", gt)
+                                       .specs);
+    fc::launch_bce_backward(p, kStream);
+  });
+  return {maybe(gi), maybe(gt)};
+}
+
+// [memcheck compiled, launches, blocks, fiber switches, checked accesses]
+std::vector<int64_t> stats() {
+  const auto& s = fastmlp_emu::stats();
+  return {fastmlp_emu::memcheck_compiled(), static_cast<int64_t>(s.launches), static_cast<int64_t>(s.blocks),
+          static_cast<int64_t>(s.switches), static_cast<int64_t>(s.checked_accesses)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastmlp_emu_test, m) {
+  m.def("block_sum(Tensor x, int blocks) -> (Tensor, Tensor)", &block_sum);
+  m.def("warp_row_sum(Tensor x) -> Tensor", &warp_row_sum);
+  m.def("warp_ops(Tensor x) -> Tensor", &warp_ops);
+  m.def("reverse_chunks(Tensor x, int block) -> Tensor", &reverse_chunks);
+  m.def("transpose(Tensor x) -> Tensor", &transpose);
+  m.def("scale_by_smem_size(Tensor x, int smem_floats, bool opt_in) -> Tensor", &scale_by_smem_size);
+  m.def("broken(str name, bool bug, Tensor x) -> (Tensor, Tensor)", &broken);
+  m.def("gemm(Tensor a, Tensor b, Tensor? a_mask, Tensor? bias, bool relu, bool want_c, bool want_rowsum, "
+        "int sm_count) -> (Tensor?, Tensor?, int)",
+        &gemm);
+  m.def("bce_forward(Tensor x, Tensor y, Tensor? weight, Tensor? pos_weight, int reduction, bool want_grad) "
+        "-> (Tensor, Tensor?)",
+        &bce_forward);
+  m.def("bce_backward(Tensor grad_loss, Tensor x, Tensor y, Tensor? weight, Tensor? pos_weight, int reduction, "
+        "bool want_input, bool want_target) -> (Tensor?, Tensor?)",
+        &bce_backward);
+  m.def("stats() -> int[]", &stats);
+}

@@ -1,0 +1,562 @@
+"""The CUDA kernels, run on the CPU by the emulation harness (csrc/emu/cuda_emu.h).
+
+A small test extension (tests/emu/emu_ext.cpp) compiles the project's kernel
+headers (csrc/cuda/*.cuh) as plain C++ after cuda_emu.h: every CUDA thread is a
+fiber, ``__syncthreads()`` and the warp intrinsics are real rendezvous. It is
+built with compile-only ThreadSanitizer instrumentation whose callbacks the
+harness implements, so while a kernel runs every load/store it makes is checked:
+
+* global memory: accesses outside every registered tensor (out of bounds, by
+  any distance, either side; exact element reported), writes to input tensors,
+  reads of output/workspace elements no kernel wrote, and two threads of one
+  launch writing the same element without a barrier of their block between;
+* shared memory: reads of bytes not written in this block (e.g. a missing
+  ``__syncthreads()``), read/write and write/write races between threads not
+  separated by a ``__syncthreads()`` (or ``__syncwarp()`` within a warp), and
+  accesses past the dynamic shared memory the launch requested;
+* execution: a ``__syncthreads()`` not reached by every thread of the block (or
+  reached at different call sites), and warp intrinsics whose mask names exited
+  or missing lanes, or lanes waiting elsewhere.
+
+Not caught: overruns of one static ``__shared__`` array into another, races
+between blocks that only read each other's results (the "last block" pattern is
+allowed), anything inside uninstrumented code (libm), inter-block ordering bugs
+hidden by the fixed block order, and code paths under ``__CUDA_ARCH__``.
+
+The build is cached in tests/emu/build (ninja rebuilds when a header changes).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU_DIR = ROOT / "tests" / "emu"
+BUILD_DIR = EMU_DIR / "build"  # ignored by git (`build/` in .gitignore)
+# Instrument every memory access of the TU; the harness defines the callbacks,
+# so nothing is linked (see csrc/emu/cuda_emu.h).
+MEMCHECK_CFLAGS = ["-DFASTMLP_EMU_MEMCHECK=1", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
+BLOCK = 128  # kBrokenThreads
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"),
+    reason="the CUDA emulation harness needs Linux (ELF TLS, ucontext)",
+)
+
+
+@pytest.fixture(scope="module")
+def emu_lib() -> str:
+    """Builds (or reuses) the test extension and loads it; returns the library path."""
+    from torch.utils.cpp_extension import load
+
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    return load(
+        name="fastmlp_emu_test",
+        sources=[str(EMU_DIR / "emu_ext.cpp")],
+        extra_include_paths=[str(ROOT / "csrc")],
+        extra_cflags=["-O1", *MEMCHECK_CFLAGS],
+        build_directory=str(BUILD_DIR),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def emu(emu_lib: str) -> Any:
+    return torch.ops.fastmlp_emu_test
+
+
+def run_isolated(emu_lib: str, snippet: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``snippet`` (with ``ops`` = the test ops) in a fresh interpreter, for
+    cases that may kill the process (a signal in host code)."""
+    code = f"import torch\ntorch.ops.load_library({emu_lib!r})\nops = torch.ops.fastmlp_emu_test\n{snippet}\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def describe_exit(r: subprocess.CompletedProcess[str]) -> str:
+    if r.returncode < 0:
+        return f"killed by {signal.Signals(-r.returncode).name}"
+    return f"exit code {r.returncode}: {r.stderr[-2000:]}"
+
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def tol(dtype: torch.dtype, k: int = 1) -> dict[str, float]:
+    """assert_close tolerances for a sum of ``k`` products in ``dtype``."""
+    scale = math.sqrt(max(k, 1))
+    if dtype == torch.float64:
+        return {"rtol": 1e-12, "atol": 1e-12 * scale}
+    return {"rtol": 1e-5, "atol": 2e-6 * scale}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- harness self-tests
+
+
+def test_memcheck_is_compiled_and_sees_accesses(emu: Any) -> None:
+    before = emu.stats()
+    assert before[0] == 1
+    emu.block_sum(torch.ones(1000), 2)
+    after = emu.stats()
+    assert after[1] > before[1] and after[4] > before[4]  # launches, checked accesses
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "blocks"), [(1, 1), (255, 1), (1000, 3), (5000, 2)])
+def test_block_reduction(emu: Any, dtype: torch.dtype, n: int, blocks: int) -> None:
+    x = torch.randn(n, dtype=dtype, generator=gen(n))
+    partial, positives = emu.block_sum(x, blocks)
+    torch.testing.assert_close(partial.sum(), x.sum(), **tol(dtype, n))
+    # __syncthreads_count: threads whose first element (i = b * 256 + t) is positive
+    firsts = torch.full((blocks * 256,), -1.0, dtype=dtype)
+    m = min(n, blocks * 256)
+    firsts[:m] = x[:m]
+    assert positives.tolist() == (firsts.view(blocks, 256) > 0).sum(1).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (30, 100), (41, 5)])
+def test_warp_shuffle_reduction(emu: Any, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    x = torch.randn(shape, dtype=dtype, generator=gen(1))
+    out = emu.warp_row_sum(x)
+    ref = x.sum(1)
+    torch.testing.assert_close(out[:, 0], ref, **tol(dtype, shape[1]))
+    torch.testing.assert_close(out[:, 1], ref, **tol(dtype, shape[1]))
+
+
+def warp_ops_model(x: list[int]) -> list[list[int]]:
+    """What selftest_warp_ops computes, from the CUDA semantics."""
+    out = []
+    for t, v in enumerate(x):
+        lane, base = t % 32, t - t % 32
+        warp = x[base : base + 32]
+        scan = sum(warp[: lane + 1])
+        seg8 = lane - lane % 8
+        down = warp[lane + 3] if lane + 3 < seg8 + 8 else v
+        seg16 = lane - lane % 16
+        xor = warp[lane ^ 5] if (lane ^ 5) < seg16 + 16 else v
+        ballot = sum(1 << j for j, w in enumerate(warp) if w > 0)
+        ballot = ballot - (1 << 32) if ballot >= 1 << 31 else ballot  # as int32
+        match = sum(1 << j for j, w in enumerate(warp) if _cmod(w) == _cmod(v))
+        match = match - (1 << 32) if match >= 1 << 31 else match
+        partial = warp[lane ^ 1] if lane < 16 else -7
+        out.append(
+            [
+                warp[3],
+                scan,
+                down,
+                xor,
+                ballot,
+                int(all(w > -100 for w in warp)),
+                int(any(w > 100 for w in warp)),
+                sum(warp),
+                match,
+                partial,
+            ]
+        )
+    return out
+
+
+def _cmod(v: int) -> int:
+    """C's v % 3 (truncating)."""
+    return int(math.fmod(v, 3))
+
+
+@pytest.mark.parametrize("threads", [32, 64, 96])
+def test_warp_intrinsics(emu: Any, threads: int) -> None:
+    x = torch.randint(-50, 50, (threads,), dtype=torch.int32, generator=gen(threads))
+    x[7] = 101  # one lane makes __any_sync true in warp 0
+    got = emu.warp_ops(x).tolist()
+    ref = warp_ops_model(x.tolist())
+    for t in range(threads):
+        assert got[t] == ref[t], f"thread {t}: got {got[t]}, expected {ref[t]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "block"), [(1, 64), (100, 64), (1000, 128)])
+def test_dynamic_shared_memory(emu: Any, dtype: torch.dtype, n: int, block: int) -> None:
+    x = torch.randn(n, dtype=dtype, generator=gen(n))
+    y = emu.reverse_chunks(x, block)
+    ref = torch.cat([c.flip(0) for c in x.split(block)])
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (64, 31)])
+def test_2d_grid_transpose(emu: Any, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    x = torch.randn(shape, dtype=dtype, generator=gen(2))
+    assert torch.equal(emu.transpose(x), x.t())
+
+
+def test_dynamic_smem_in_another_namespace_and_opt_in(emu: Any) -> None:
+    x = torch.randn(100, generator=gen(3))
+    torch.testing.assert_close(emu.scale_by_smem_size(x, 100, False), x * 100)
+    big = 20_000  # 80 KB: over the 48 KiB default, needs cudaFuncSetAttribute
+    with pytest.raises(RuntimeError, match="cudaFuncAttributeMaxDynamicSharedMemorySize"):
+        emu.scale_by_smem_size(x, big, False)
+    torch.testing.assert_close(emu.scale_by_smem_size(x, big, True), x * big)
+
+
+# ---------------------------------------------------------------- deliberately broken kernels
+
+
+def chunks(x: torch.Tensor) -> list[torch.Tensor]:
+    return list(x.split(BLOCK))
+
+
+def early_return_ref(x: torch.Tensor) -> torch.Tensor:
+    out = []
+    for c in chunks(x):
+        s = torch.zeros(BLOCK, dtype=x.dtype)
+        s[: len(c)] = c
+        out.append(c + s.roll(-1)[: len(c)])
+    return torch.cat(out)
+
+
+def warp_sums(x: torch.Tensor) -> torch.Tensor:
+    pad = torch.zeros((len(x) + 31) // 32 * 32, dtype=x.dtype)
+    pad[: len(x)] = x
+    return pad.view(-1, 32).sum(1, keepdim=True).expand(-1, 32).reshape(-1)[: len(x)]
+
+
+def pairs_16(x: torch.Tensor) -> torch.Tensor:
+    """x[i ^ 16] within 32-lane warps (0 past the end)."""
+    pad = torch.zeros((len(x) + 31) // 32 * 32, dtype=x.dtype)
+    pad[: len(x)] = x
+    return pad.view(-1, 2, 16).flip(1).reshape(-1)[: len(x)]
+
+
+# name -> (error the bug must raise, reference (y, partials) check of the fixed kernel)
+BROKEN: dict[str, tuple[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]]] = {
+    "off_by_one_read": (
+        r"out-of-bounds read of 4 bytes at 0 bytes past the end of 'x' .*element index 300\)",
+        lambda x, y, p: torch.testing.assert_close(p, torch.stack([c.sum() for c in chunks(x)])),
+    ),
+    "off_by_one_write": (
+        r"out-of-bounds write of 4 bytes at 0 bytes past the end of 'y'",
+        lambda x, y, p: torch.testing.assert_close(y, x),
+    ),
+    "scan_missing_sync": (
+        r"shared-memory race: reads .*broken_scan_missing_sync<true>.*::s \+ \d+ bytes written by thread \d+",
+        lambda x, y, p: torch.testing.assert_close(y, torch.cat([c.cumsum(0) for c in chunks(x)])),
+    ),
+    "reverse_missing_sync": (
+        r"reads 4 bytes of shared memory never written in this block",
+        lambda x, y, p: torch.testing.assert_close(y, torch.cat([c.flip(0) for c in chunks(x)])),
+    ),
+    "early_return_barrier": (
+        r"block \(2,0,0\): divergent barrier \(deadlock\): threads 0-43 wait at __syncthreads\(\) "
+        r"\(.*broken_kernels.cuh:\d+\); threads 44-127 have exited",
+        lambda x, y, p: torch.testing.assert_close(y, early_return_ref(x)),
+    ),
+    "two_barrier_sites": (
+        r"divergent barrier .*threads 0-126:2 wait at __syncthreads\(\) \(.*:\d+\); threads 1-127:2 wait at "
+        r"__syncthreads\(\)",
+        lambda x, y, p: torch.testing.assert_close(y, x),
+    ),
+    "shuffle_exited_lanes": (
+        r"calls __shfl_xor_sync\(mask=0xffffffff\) .* but lane \d+ \(thread \d+\) of the mask has exited",
+        lambda x, y, p: torch.testing.assert_close(y, warp_sums(x)),
+    ),
+    "partials_same_slot": (
+        r"global write/write race on element 0 of 'partials': also written by thread 0 of block 0",
+        lambda x, y, p: torch.testing.assert_close(p, torch.stack([c.sum() for c in chunks(x)])),
+    ),
+    "dynamic_smem_overrun": (
+        r"out-of-bounds read of 4 bytes at dynamic shared memory 'fastmlp::cuda::smem' \+ 512 bytes: the launch "
+        r"has 512 bytes",
+        lambda x, y, p: torch.testing.assert_close(y, x),
+    ),
+    "warp_exchange_missing_syncwarp": (
+        r"reads 4 bytes of shared memory never written in this block.*broken_warp_exchange_missing_syncwarp<true>",
+        lambda x, y, p: torch.testing.assert_close(y, x.view(-1, 2).flip(1).reshape(-1)),  # 300 is even
+    ),
+    "shuffle_mask_misses_lanes": (
+        r"calls __shfl_xor_sync\(mask=0x0000ffff\) .* with a mask that does not include its own lane 16",
+        lambda x, y, p: torch.testing.assert_close(y, x + pairs_16(x)),
+    ),
+    "writes_input": (
+        r"writes 4 bytes into read-only buffer 'x'",
+        lambda x, y, p: torch.testing.assert_close(y, 2 * x),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_harness_catches_bug(emu: Any, name: str) -> None:
+    x = torch.randn(300, generator=gen(4))  # 3 blocks of 128, the last one partial
+    with pytest.raises(RuntimeError, match=BROKEN[name][0]):
+        emu.broken(name, True, x)
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_fixed_kernel_passes(emu: Any, name: str) -> None:
+    x = torch.randn(300, generator=gen(4))
+    x_before = x.clone()
+    y, partials = emu.broken(name, False, x)
+    BROKEN[name][1](x, y, partials)
+    assert torch.equal(x, x_before)
+
+
+# ---------------------------------------------------------------- csrc/cuda/gemm.cuh
+
+SM_COUNT = 132  # an H100: decides split-K like the real dispatch would
+
+
+def gemm_ref(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(epilogue(masked a @ b), row sums of masked a), computed in float64."""
+    a64 = a.double()
+    if mask is not None:
+        a64 = torch.where(mask.double() <= 0, torch.zeros_like(a64), a64)  # NaN in the mask lets a through
+    c = a64 @ b.double()
+    if bias is not None:
+        c = c + bias.double()
+    if relu:
+        c = torch.relu(c)
+    return c.to(a.dtype), a64.sum(1).to(a.dtype)
+
+
+def run_gemm(
+    emu: Any,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+    want_c: bool = True,
+    want_rowsum: bool = False,
+    sm_count: int = SM_COUNT,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    return emu.gemm(a, b, mask, bias, relu, want_c, want_rowsum, sm_count)
+
+
+# (batch, in_features, out_features): tile-size edges (64 x 64 x 16), odd sizes, the 784-30-1 net
+LINEAR_SHAPES = [(1, 1, 1), (7, 33, 30), (33, 784, 30), (65, 17, 70), (64, 16, 64), (30, 130, 1), (2, 1, 129)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "k", "n"), LINEAR_SHAPES)
+@pytest.mark.parametrize(("bias", "relu"), [(True, True), (False, False)])
+def test_gemm_linear_forward(emu: Any, dtype: torch.dtype, batch: int, k: int, n: int, bias: bool, relu: bool) -> None:
+    g = gen(batch * 1000 + k + n)
+    x = torch.randn(batch, k, dtype=dtype, generator=g)
+    w = torch.randn(n, k, dtype=dtype, generator=g) / math.sqrt(k)
+    b = torch.randn(n, dtype=dtype, generator=g) if bias else None
+    c, _, _ = run_gemm(emu, x, w.t(), bias=b, relu=relu)  # w.t(): a strided [K, N] view
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    ref = (torch.relu(ref) if relu else ref).to(dtype)
+    torch.testing.assert_close(c, ref, **tol(dtype, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_batch_zero_and_empty_k(emu: Any, dtype: torch.dtype) -> None:
+    w = torch.randn(30, 7, dtype=dtype, generator=gen(5))
+    c, _, _ = run_gemm(emu, torch.empty(0, 7, dtype=dtype), w.t())
+    assert c.shape == (0, 30)
+    # K = 0: the result is just the epilogue of the bias
+    b = torch.randn(5, dtype=dtype, generator=gen(6))
+    c, rowsum, _ = run_gemm(
+        emu, torch.empty(3, 0, dtype=dtype), torch.empty(0, 5, dtype=dtype), bias=b, relu=True, want_rowsum=True
+    )
+    torch.testing.assert_close(c, torch.relu(b).expand(3, 5))
+    torch.testing.assert_close(rowsum, torch.zeros(3, dtype=dtype))
+
+
+def test_gemm_relu_keeps_nan(emu: Any) -> None:
+    x = torch.randn(5, 20, generator=gen(7))
+    x[2, 3] = float("nan")
+    w = torch.randn(4, 20, generator=gen(8))
+    c, _, _ = run_gemm(emu, x, w.t(), relu=True)
+    ref = torch.relu(x @ w.t())
+    assert torch.isnan(c[2]).all()
+    torch.testing.assert_close(c, ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def layer_tensors(dtype: torch.dtype, batch: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = gen(seed)
+    x = torch.randn(batch, k, dtype=dtype, generator=g)
+    w = torch.randn(n, k, dtype=dtype, generator=g) / math.sqrt(k)
+    y = torch.relu(x @ w.t() + 0.1)  # the saved ReLU output: about half zeros
+    grad = torch.randn(batch, n, dtype=dtype, generator=g)
+    return x, w, y, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "k", "n"), [(1, 1, 1), (7, 33, 30), (33, 784, 30), (65, 17, 70)])
+def test_gemm_grad_input_masked(emu: Any, dtype: torch.dtype, batch: int, k: int, n: int) -> None:
+    x, w, y, grad = layer_tensors(dtype, batch, k, n, seed=batch + k)
+    gx, _, _ = run_gemm(emu, grad, w, mask=y)  # (g * (y > 0)) @ w
+    ref, _ = gemm_ref(grad, w, mask=y)
+    torch.testing.assert_close(gx, ref, **tol(dtype, n))
+    gx_plain, _, _ = run_gemm(emu, grad, w)
+    torch.testing.assert_close(gx_plain, (grad.double() @ w.double()).to(dtype), **tol(dtype, n))
+
+
+# (batch, in_features, out_features, sm_count): batch >= 256 with few output tiles takes split-K
+WEIGHT_GRAD_CASES = [
+    (1, 1, 1, SM_COUNT),
+    (7, 33, 30, SM_COUNT),
+    (300, 784, 30, SM_COUNT),
+    (784, 33, 1, SM_COUNT),
+    (1000, 70, 65, 4),
+    (513, 20, 7, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "k", "n", "sm_count"), WEIGHT_GRAD_CASES)
+def test_gemm_weight_and_bias_grad(emu: Any, dtype: torch.dtype, batch: int, k: int, n: int, sm_count: int) -> None:
+    x, w, y, grad = layer_tensors(dtype, batch, k, n, seed=batch * 7 + n)
+    # grad_w[N, K] = (g * m)^T @ x and grad_b = row sums of (g * m)^T, in one pass
+    gw, gb, splits = run_gemm(emu, grad.t(), x, mask=y.t(), want_rowsum=True, sm_count=sm_count)
+    ref_w, ref_b = gemm_ref(grad.t(), x, mask=y.t())
+    torch.testing.assert_close(gw, ref_w, **tol(dtype, batch))
+    torch.testing.assert_close(gb, ref_b, **tol(dtype, batch))
+    if batch >= 256 and sm_count > 1:
+        assert splits > 1, "this case is meant to exercise split-K"
+    if batch < 256:  # larger batches: test_gemm_no_output_tiles_does_not_crash
+        # the bias gradient alone (no weight gradient: N = 0)
+        _, gb_only, _ = run_gemm(emu, grad.t(), x, mask=y.t(), want_c=False, want_rowsum=True, sm_count=sm_count)
+        torch.testing.assert_close(gb_only, ref_b, **tol(dtype, batch))
+
+
+# GEMMs with no output tile (M == 0 or N == 0) and K >= 256, as layers.cu issues
+# them: a forward with batch 0 and >= 256 input features, and the bias gradient
+# alone (want_b without want_w: N = 0) over a batch >= 256.
+NO_TILE_CASES = {
+    "forward_batch0_in784": "a = torch.empty(0, 784); b = torch.randn(30, 784).t()\n"
+    "c, _, _ = ops.gemm(a, b, None, None, True, True, False, 132)\nassert c.shape == (0, 30)",
+    "bias_grad_only_batch300": "g = torch.randn(300, 30); x = torch.randn(300, 784); y = torch.rand(300, 30)\n"
+    "_, gb, _ = ops.gemm(g.t(), x, y.t(), None, False, False, True, 132)\n"
+    "torch.testing.assert_close(gb, g.sum(0), rtol=1e-5, atol=1e-4)",
+}
+
+
+@pytest.mark.parametrize("case", list(NO_TILE_CASES))
+def test_gemm_no_output_tiles_does_not_crash(emu_lib: str, case: str) -> None:
+    r = run_isolated(emu_lib, NO_TILE_CASES[case])
+    assert r.returncode == 0, (
+        f"{case}: {describe_exit(r)} -- choose_splits() computes ceil_div(2 * sm_count, tiles) with "
+        "tiles == 0 when M or N is 0 (integer division by zero in host code)"
+    )
+
+
+def test_gemm_split_k_is_deterministic(emu: Any) -> None:
+    x, w, y, grad = layer_tensors(torch.float32, 2000, 40, 30, seed=9)
+    first = run_gemm(emu, grad.t(), x, mask=y.t(), want_rowsum=True)
+    second = run_gemm(emu, grad.t(), x, mask=y.t(), want_rowsum=True)
+    assert first[2] > 1
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_gemm_mask_nan_passes_gradient(emu: Any) -> None:
+    grad = torch.randn(4, 3, generator=gen(10))
+    w = torch.randn(3, 5, generator=gen(11))
+    y = torch.tensor([[1.0, 0.0, float("nan")]] * 4)  # NaN output: threshold_backward lets the gradient through
+    gx, _, _ = run_gemm(emu, grad, w, mask=y)
+    ref = (grad * torch.tensor([1.0, 0.0, 1.0])) @ w
+    torch.testing.assert_close(gx, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- csrc/cuda/bce.cuh
+
+REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+def bce_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, weight: str, pos_weight: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    g = gen(seed)
+    x = torch.randn(shape, dtype=dtype, generator=g) * 4
+    if x.numel() > 2:
+        x.view(-1)[:3] = torch.tensor([60.0, -60.0, 0.0], dtype=dtype)  # saturated logits and zero
+    y = torch.rand(shape, dtype=dtype, generator=g)  # soft targets exercise every term
+    last = shape[-1] if shape else 1
+
+    def make(kind: str) -> torch.Tensor | None:
+        if kind == "none":
+            return None
+        if kind == "scalar":
+            return torch.rand(1, dtype=dtype, generator=g) + 0.5
+        if kind == "class":
+            return torch.rand(last, dtype=dtype, generator=g) + 0.5
+        return torch.rand(shape, dtype=dtype, generator=g) + 0.5  # "full"
+
+    return x, y, make(weight), make(pos_weight)
+
+
+BCE_SHAPES = [(0,), (1,), (7,), (33, 30), (784,), (5, 1000)]
+BCE_WEIGHTS = [("none", "none"), ("class", "class"), ("full", "scalar")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BCE_SHAPES)
+@pytest.mark.parametrize(("weight", "pos_weight"), BCE_WEIGHTS)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_bce_forward(
+    emu: Any, dtype: torch.dtype, shape: tuple[int, ...], weight: str, pos_weight: str, reduction: int
+) -> None:
+    x, y, w, pw = bce_inputs(shape, dtype, weight, pos_weight, seed=len(shape) + reduction)
+    xr = x.clone().requires_grad_(True)
+    ref = F.binary_cross_entropy_with_logits(xr, y, weight=w, pos_weight=pw, reduction=REDUCTIONS[reduction])
+    loss, grad = emu.bce_forward(x, y, w, pw, reduction, True)
+    torch.testing.assert_close(loss, ref.detach(), equal_nan=True, **tol(dtype, x.numel()))
+    if reduction == 0:
+        assert grad is None
+    else:
+        (ref_grad,) = torch.autograd.grad(ref, xr) if x.numel() else (torch.zeros_like(x),)
+        torch.testing.assert_close(grad, ref_grad, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_forward_many_blocks(emu: Any, dtype: torch.dtype) -> None:
+    # > 256 blocks of the first pass: the finishing block loops over the partials
+    x, y, w, pw = bce_inputs((300_000,), dtype, "none", "none", seed=12)
+    for reduction in (1, 2):
+        loss, _ = emu.bce_forward(x, y, None, None, reduction, False)
+        ref = F.binary_cross_entropy_with_logits(x.double(), y.double(), reduction=REDUCTIONS[reduction])
+        torch.testing.assert_close(loss, ref.to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (1,), (33, 30), (5, 1000)])
+@pytest.mark.parametrize(("weight", "pos_weight"), BCE_WEIGHTS)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_bce_backward(
+    emu: Any, dtype: torch.dtype, shape: tuple[int, ...], weight: str, pos_weight: str, reduction: int
+) -> None:
+    x, y, w, pw = bce_inputs(shape, dtype, weight, pos_weight, seed=3 * len(shape) + reduction)
+    xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    out = F.binary_cross_entropy_with_logits(xr, yr, weight=w, pos_weight=pw, reduction=REDUCTIONS[reduction])
+    grad_out = torch.randn(out.shape, dtype=dtype, generator=gen(13))
+    if x.numel():
+        ref_x, ref_y = torch.autograd.grad(out, (xr, yr), grad_out)
+    else:
+        ref_x, ref_y = torch.zeros_like(x), torch.zeros_like(y)
+    gx, gy = emu.bce_backward(grad_out.contiguous(), x, y, w, pw, reduction, True, True)
+    torch.testing.assert_close(gx, ref_x, **tol(dtype))
+    torch.testing.assert_close(gy, ref_y, **tol(dtype))
+    only_x, none_y = emu.bce_backward(grad_out.contiguous(), x, y, w, pw, reduction, True, False)
+    assert none_y is None
+    torch.testing.assert_close(only_x, ref_x, **tol(dtype))
