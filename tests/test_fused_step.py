@@ -1,0 +1,163 @@
+"""FusedBCEClassifier and fastmlp::mlp_bce_step: the loss and every gradient of
+an MLP classifier in one op, against nn.Sequential + nn.BCEWithLogitsLoss."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import assert_close, reference_mlp
+from torch import nn
+
+import torch_fastmlp
+from torch_fastmlp import FusedBCEClassifier
+
+
+def _eager_and_fused(
+    sizes: list[int], device: str, dtype: torch.dtype = torch.float32, **loss_kw: object
+) -> tuple[nn.Sequential, nn.Module, FusedBCEClassifier]:
+    ref = reference_mlp(sizes, dtype=dtype, device=device)
+    loss = nn.BCEWithLogitsLoss(**loss_kw)  # type: ignore[arg-type]
+    clf = FusedBCEClassifier(torch_fastmlp.Sequential(*copy.deepcopy(list(ref))), **loss_kw)  # type: ignore[arg-type]
+    return ref, loss, clf
+
+
+def _check_step(
+    ref: nn.Sequential, loss_fn: nn.Module, clf: FusedBCEClassifier, x: torch.Tensor, y: torch.Tensor
+) -> None:
+    expected = loss_fn(ref(x), y)
+    expected.backward()
+    got = clf(x, y)
+    got.backward()
+    reduction = x.shape[0] * max(x.shape[-1], 1)
+    assert_close(got, expected.detach(), reduction)
+    for (name, p), q in zip(ref.named_parameters(), clf.model.parameters(), strict=True):
+        assert_close(q.grad, p.grad, reduction, msg=name)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 1025, 2500])
+@pytest.mark.parametrize("sizes", [[784, 30, 1], [50, 100, 10], [33, 17, 9, 3]])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_eager(device: str, batch: int, sizes: list[int], reduction: str) -> None:
+    ref, loss_fn, clf = _eager_and_fused(sizes, device, reduction=reduction)
+    x = torch.randn(batch, sizes[0], device=device)
+    y = torch.randint(0, 2, (batch, sizes[-1]), device=device).float()
+    _check_step(ref, loss_fn, clf, x, y)
+
+
+@pytest.mark.parametrize("batch", [64, 2500])
+def test_weight_and_pos_weight(device: str, batch: int) -> None:
+    pos_weight = torch.rand(4, device=device) * 3
+    weight = torch.rand(4, device=device)
+    ref, loss_fn, clf = _eager_and_fused([20, 16, 4], device, pos_weight=pos_weight, weight=weight)
+    x = torch.randn(batch, 20, device=device)
+    y = torch.rand(batch, 4, device=device)  # soft targets
+    _check_step(ref, loss_fn, clf, x, y)
+
+
+def test_full_weight_takes_generic_path(device: str) -> None:
+    """A [B, C] weight does not repeat per row: the untiled composition serves it."""
+    weight = torch.rand(2500, 2, device=device)
+    ref, loss_fn, clf = _eager_and_fused([12, 8, 2], device, weight=weight)
+    x = torch.randn(2500, 12, device=device)
+    y = torch.randint(0, 2, (2500, 2), device=device).float()
+    _check_step(ref, loss_fn, clf, x, y)
+
+
+def test_float64_and_grad_output_scaling(device: str) -> None:
+    ref, loss_fn, clf = _eager_and_fused([9, 5, 1], device, dtype=torch.float64)
+    x = torch.randn(300, 9, device=device, dtype=torch.float64)
+    y = torch.randint(0, 2, (300, 1), device=device).double()
+    (loss_fn(ref(x), y) * 3.5).backward()
+    (clf(x, y) * 3.5).backward()
+    for p, q in zip(ref.parameters(), clf.model.parameters(), strict=True):
+        assert_close(q.grad, p.grad)
+
+
+def test_input_gradient_and_frozen_layer(device: str) -> None:
+    ref, loss_fn, clf = _eager_and_fused([10, 6, 1], device)
+    ref[0].weight.requires_grad_(False)
+    clf.model[0].weight.requires_grad_(False)
+    x = torch.randn(40, 10, device=device)
+    y = torch.randint(0, 2, (40, 1), device=device).float()
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss_fn(ref(xr), y).backward()
+    clf(xf, y).backward()
+    assert clf.model[0].weight.grad is None
+    assert_close(xf.grad, xr.grad)
+    assert_close(clf.model[0].bias.grad, ref[0].bias.grad)
+
+
+def test_leading_dims_and_retain_graph(device: str) -> None:
+    ref, loss_fn, clf = _eager_and_fused([6, 5, 2], device)
+    x = torch.randn(3, 4, 6, device=device)
+    y = torch.randint(0, 2, (3, 4, 2), device=device).float()
+    expected = loss_fn(ref(x), y)
+    got = clf(x, y)
+    for _ in range(2):  # the stored gradients survive a retained graph
+        expected.backward(retain_graph=True)
+        got.backward(retain_graph=True)
+    for p, q in zip(ref.parameters(), clf.model.parameters(), strict=True):
+        assert_close(q.grad, p.grad)
+
+
+def test_fallback_for_other_modules_and_predict(device: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 1)).to(device)
+    clf = FusedBCEClassifier(copy.deepcopy(model))
+    x = torch.randn(16, 8, device=device)
+    y = torch.randint(0, 2, (16, 1), device=device).float()
+    assert_close(clf(x, y), nn.functional.binary_cross_entropy_with_logits(model(x), y))
+    assert_close(clf.predict(x), model(x))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="reduction"):
+        FusedBCEClassifier(nn.Sequential(nn.Linear(2, 1)), reduction="none")
+    clf = FusedBCEClassifier(torch_fastmlp.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)))
+    with pytest.raises(ValueError, match="Target size"):
+        clf(torch.randn(5, 4), torch.rand(5, 2))
+
+
+def test_state_dict_pickle_and_repr() -> None:
+    clf = FusedBCEClassifier(torch_fastmlp.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)),
+                             pos_weight=torch.tensor([2.0]))
+    assert list(clf.state_dict()) == ["pos_weight", "model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
+    clone = pickle.loads(pickle.dumps(clf))
+    x, y = torch.randn(5, 4), torch.rand(5, 1)
+    assert torch.equal(clone(x, y), clf(x, y))
+    assert "reduction='mean'" in repr(clf)
+
+
+def test_deterministic_over_threads() -> None:
+    torch.manual_seed(0)
+    clf = FusedBCEClassifier(torch_fastmlp.MLP([64, 30, 1]))
+    x, y = torch.randn(3000, 64), torch.randint(0, 2, (3000, 1)).float()
+    results = []
+    for threads in (1, 2, 2):
+        torch.set_num_threads(threads)
+        clf.zero_grad(set_to_none=True)
+        loss = clf(x, y)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in clf.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_opcheck_and_compile() -> None:
+    w0, b0, w1 = torch.randn(5, 7), torch.randn(5), torch.randn(2, 5)
+    x, y = torch.randn(6, 7), torch.rand(6, 2)
+    torch.library.opcheck(
+        torch.ops.fastmlp.mlp_bce_step.default,
+        (x, y, [w0, w1], [b0, None], False, None, torch.rand(2), 1, True, [True, True], [True, False]),
+    )
+    clf = FusedBCEClassifier(torch_fastmlp.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 2)))
+    ref = copy.deepcopy(clf)
+    compiled = torch.compile(clf, fullgraph=True)
+    compiled(x, y).backward()
+    ref(x, y).backward()
+    for p, q in zip(ref.parameters(), clf.parameters(), strict=True):
+        assert_close(q.grad, p.grad)
