@@ -1,9 +1,9 @@
 // Register-blocked GEMMs for narrow layers (out_features <= 64, e.g. 784 -> 30),
-// where BLAS is far from peak: the output row fits a few vector registers, so
-//   forward  y[b, :]  = sum_k x[b, k] * W^T[k, :]      (W^T packed to [K, NP])
-//   weights  dW^T[k, :] = sum_b x[b, k] * g[b, :]     (g packed to [B, NP])
-// are both "broadcast a scalar of x, FMA a row vector" loops that the compiler
-// vectorises for each ISA (target_clones picks AVX-512 / AVX2 at run time).
+// where BLAS pays more in packing and blocking than the products cost:
+//   forward  y[b, n] = x[b, :] . w[n, :]         4 x 4 dot products along k
+//   weights  dW[n, k0:k0+64] += g[b, n] * x[b, k0:k0+64], summed over b
+// Plain loops with compile-time trip counts that the compiler vectorises for
+// each ISA (target_clones picks AVX-512 / AVX2 / baseline at run time).
 // The weight gradient is split over k across threads, each summing over the
 // whole batch in order: deterministic for any thread count.
 #pragma once
@@ -28,132 +28,164 @@ namespace fastmlp::cpu {
 
 constexpr int64_t kNarrowMax = 64;  // widest layer served by these kernels
 
-inline int64_t narrow_pad(int64_t n) { return n <= 16 ? 16 : (n <= 32 ? 32 : 64); }
 
-// acc[r][0:NP] += sum_k a[r * lda + k * a_k_stride] * bt[k * ldb + 0:NP], k in
-// [0, K): R scalars of a broadcast against one row of bt. The body of both GEMMs.
-// Always inlined: an out-of-line copy would be compiled for the baseline ISA
-// only, not for the caller's target clone.
-template <typename T, int NP, int R>
-FASTMLP_ALWAYS_INLINE void rank_update(T (&acc)[R][NP], const T* a, int64_t lda, int64_t a_k_stride, const T* bt, int64_t ldb,
-                        int64_t K) {
-  for (int64_t k = 0; k < K; ++k) {
-    const T* brow = bt + k * ldb;
-    for (int r = 0; r < R; ++r) {
-      const T av = a[r * lda + k * a_k_stride];
-      for (int j = 0; j < NP; ++j) acc[r][j] += av * brow[j];
-    }
-  }
+// A 64-byte vector (GCC vector extension): one zmm register, or two ymm / four
+// xmm in the narrower clones. Explicit vectors keep the accumulators in registers.
+template <typename T> struct Vec64 {
+  typedef T type __attribute__((vector_size(64)));
+};
+
+template <typename T, typename V>
+FASTMLP_ALWAYS_INLINE V load_vec(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
 }
 
-// out[b, 0:N] = act(x[b, :] . W^T + bias) for rows [begin, end).
-template <typename T, int NP>
-FASTMLP_CPU_CLONES void narrow_forward_rows(const T* x, int64_t ldx, const T* wt, const T* bias, bool relu, T* out,
-                                            int64_t N, int64_t K, int64_t begin, int64_t end) {
-  constexpr int R = NP <= 32 ? 4 : 2;
-  int64_t b = begin;
-  for (; b + R <= end; b += R) {
-    T acc[R][NP] = {};
-    rank_update<T, NP, R>(acc, x + b * ldx, ldx, 1, wt, NP, K);
-    for (int r = 0; r < R; ++r)
-      for (int64_t n = 0; n < N; ++n) {
-        T v = acc[r][n] + (bias ? bias[n] : T(0));
-        out[(b + r) * N + n] = relu ? fastmlp::relu(v) : v;
-      }
-  }
-  for (; b < end; ++b) {
-    T acc[1][NP] = {};
-    rank_update<T, NP, 1>(acc, x + b * ldx, ldx, 1, wt, NP, K);
-    for (int64_t n = 0; n < N; ++n) {
-      T v = acc[0][n] + (bias ? bias[n] : T(0));
-      out[b * N + n] = relu ? fastmlp::relu(v) : v;
-    }
-  }
-}
-
-// dW[n0:n0+R, k0:k0+KW] = sum_b g[b, n] * x[b, k]: R gradient columns broadcast
-// against KW contiguous input columns, summed over the batch in order.
-template <typename T, int KW, int R>
-FASTMLP_ALWAYS_INLINE void weight_grad_block(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t K, int64_t B,
-                              int64_t n0, int64_t k0) {
-  T acc[R][KW] = {};
-  rank_update<T, KW, R>(acc, g + n0, 1, ldg, x + k0, ldx, B);
+template <typename T, int R, int C>
+FASTMLP_ALWAYS_INLINE void dot_block(const T* x, int64_t ldx, const T* w, int64_t ldw, int64_t K, T (&out)[R][C]) {
+  using V = typename Vec64<T>::type;
+  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(T));
+  V acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < KW; ++j) dw[(n0 + r) * K + k0 + j] = acc[r][j];
+    for (int c = 0; c < C; ++c) acc[r][c] = V{} ;
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    V xv[R], wv[C];
+    for (int r = 0; r < R; ++r) xv[r] = load_vec<T, V>(x + r * ldx + k);
+    for (int c = 0; c < C; ++c) wv[c] = load_vec<T, V>(w + c * ldw + k);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] += xv[r] * wv[c];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      T sum = T(0);
+      for (int v = 0; v < kLanes; ++v) sum += acc[r][c][v];
+      for (int64_t kk = k; kk < K; ++kk) sum += x[r * ldx + kk] * w[c * ldw + kk];
+      out[r][c] = sum;
+    }
 }
 
-// dW[:, k] for the column blocks [kb_begin, kb_end) of 64 input features (the
-// last block takes the tail in 16-wide steps, then one column at a time).
+template <typename T, int R, int C>
+FASTMLP_ALWAYS_INLINE void forward_block(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias, bool relu,
+                                         T* out, int64_t N, int64_t K, int64_t b, int64_t n0) {
+  T dots[R][C];
+  dot_block<T, R, C>(x + b * ldx, ldx, w + n0 * ldw, ldw, K, dots);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      const T v = dots[r][c] + (bias ? bias[n0 + c] : T(0));
+      out[(b + r) * N + n0 + c] = relu ? fastmlp::relu(v) : v;
+    }
+}
+
+template <typename T, int R>
+FASTMLP_ALWAYS_INLINE void forward_rows_of(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias, bool relu,
+                                           T* out, int64_t N, int64_t K, int64_t b) {
+  int64_t n0 = 0;
+  for (; n0 + 4 <= N; n0 += 4) forward_block<T, R, 4>(x, ldx, w, ldw, bias, relu, out, N, K, b, n0);
+  for (; n0 < N; ++n0) forward_block<T, R, 1>(x, ldx, w, ldw, bias, relu, out, N, K, b, n0);
+}
+
+// out[b, 0:N] = act(x[b, :] . w[n, :] + bias[n]) for rows [begin, end).
+template <typename T>
+FASTMLP_CPU_CLONES void narrow_forward_rows(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias, bool relu,
+                                            T* out, int64_t N, int64_t K, int64_t begin, int64_t end) {
+  int64_t b = begin;
+  for (; b + 4 <= end; b += 4) forward_rows_of<T, 4>(x, ldx, w, ldw, bias, relu, out, N, K, b);
+  for (; b < end; ++b) forward_rows_of<T, 1>(x, ldx, w, ldw, bias, relu, out, N, K, b);
+}
+
+// dW[n0 + r, k0 : k0 + NV * lanes] = sum_b g[b, n0 + r] * x[b, k0 : ...]: R
+// gradient columns broadcast against NV vectors of input features, summed over
+// the batch in order.
+template <typename T, int NV, int R>
+FASTMLP_ALWAYS_INLINE void weight_grad_block(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t K,
+                                             int64_t B, int64_t n0, int64_t k0) {
+  using V = typename Vec64<T>::type;
+  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(T));
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+  for (int64_t b = 0; b < B; ++b) {
+    V xv[NV];
+    for (int j = 0; j < NV; ++j) xv[j] = load_vec<T, V>(x + b * ldx + k0 + j * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const T gv = g[b * ldg + n0 + r];
+      for (int j = 0; j < NV; ++j) acc[r][j] += xv[j] * gv;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) std::memcpy(dw + (n0 + r) * K + k0 + j * kLanes, &acc[r][j], sizeof(V));
+}
+
+// The columns k0 .. k_end of dW that do not fill a vector: plain sums over b.
+template <typename T>
+FASTMLP_ALWAYS_INLINE void weight_grad_tail(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t K,
+                                            int64_t B, int64_t n, int64_t k0, int64_t k_end) {
+  for (int64_t k = k0; k < k_end; ++k) {
+    T sum = T(0);
+    for (int64_t b = 0; b < B; ++b) sum += g[b * ldg + n] * x[b * ldx + k];
+    dw[n * K + k] = sum;
+  }
+}
+
+template <typename T, int R>
+FASTMLP_ALWAYS_INLINE void weight_grad_rows(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t K,
+                                            int64_t B, int64_t n0, int64_t k0, int64_t k_end) {
+  constexpr int kLanes = static_cast<int>(sizeof(typename Vec64<T>::type) / sizeof(T));
+  for (; k0 + 4 * kLanes <= k_end; k0 += 4 * kLanes) weight_grad_block<T, 4, R>(x, ldx, g, ldg, dw, K, B, n0, k0);
+  for (; k0 + kLanes <= k_end; k0 += kLanes) weight_grad_block<T, 1, R>(x, ldx, g, ldg, dw, K, B, n0, k0);
+  for (int r = 0; r < R; ++r) weight_grad_tail<T>(x, ldx, g, ldg, dw, K, B, n0 + r, k0, k_end);
+}
+
+// dW[:, k] for the column blocks [kb_begin, kb_end) of kWeightGradCols features.
+constexpr int64_t kWeightGradCols = 64;
+
 template <typename T>
 FASTMLP_CPU_CLONES void narrow_weight_grad_blocks(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw,
                                                   int64_t N, int64_t K, int64_t B, int64_t kb_begin,
                                                   int64_t kb_end) {
-  constexpr int R = 4;
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-    const int64_t k_end = std::min(K, (kb + 1) * 64);
+    const int64_t k0 = kb * kWeightGradCols, k_end = std::min(K, k0 + kWeightGradCols);
     int64_t n0 = 0;
-    for (; n0 + R <= N; n0 += R) {
-      int64_t k0 = kb * 64;
-      for (; k0 + 64 <= k_end; k0 += 64) weight_grad_block<T, 64, R>(x, ldx, g, ldg, dw, K, B, n0, k0);
-      for (; k0 + 16 <= k_end; k0 += 16) weight_grad_block<T, 16, R>(x, ldx, g, ldg, dw, K, B, n0, k0);
-      for (; k0 < k_end; ++k0) weight_grad_block<T, 1, R>(x, ldx, g, ldg, dw, K, B, n0, k0);
-    }
-    for (; n0 < N; ++n0) {
-      int64_t k0 = kb * 64;
-      for (; k0 + 64 <= k_end; k0 += 64) weight_grad_block<T, 64, 1>(x, ldx, g, ldg, dw, K, B, n0, k0);
-      for (; k0 + 16 <= k_end; k0 += 16) weight_grad_block<T, 16, 1>(x, ldx, g, ldg, dw, K, B, n0, k0);
-      for (; k0 < k_end; ++k0) weight_grad_block<T, 1, 1>(x, ldx, g, ldg, dw, K, B, n0, k0);
-    }
+    for (; n0 + 4 <= N; n0 += 4) weight_grad_rows<T, 4>(x, ldx, g, ldg, dw, K, B, n0, k0, k_end);
+    for (; n0 < N; ++n0) weight_grad_rows<T, 1>(x, ldx, g, ldg, dw, K, B, n0, k0, k_end);
   }
-}
-
-template <typename T, int NP>
-void narrow_forward_np(const at::Tensor& x, const at::Tensor& w, const T* bias, bool relu, at::Tensor& out) {
-  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
-  // W^T packed [K, NP], zero padded. A plain loop: at a small batch, tensor ops
-  // (zeros + strided copy) would cost more than the packing itself.
-  std::vector<T> wt(static_cast<size_t>(K * NP), T(0));
-  const T* wp = w.const_data_ptr<T>();
-  const int64_t w_rs = w.stride(0), w_cs = w.stride(1);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) wt[k * NP + n] = wp[n * w_rs + k * w_cs];
-  const T* xp = x.const_data_ptr<T>();
-  const T* wtp = wt.data();
-  T* op = out.data_ptr<T>();
-  // ~4K multiply-adds of NP lanes per task: enough to amortise a task, fine enough for 2+ threads at batch 64.
-  const int64_t grain = std::max<int64_t>(4, 4096 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    narrow_forward_rows<T, NP>(xp, x.stride(0), wtp, bias, relu, op, N, K, begin, end);
-  });
 }
 
 // Whether a layer takes the narrow path: a narrow output, float/double, and an
 // input with unit stride along features.
 inline bool narrow_eligible(const at::Tensor& x, int64_t out_features) {
   const auto st = x.scalar_type();
-  return out_features <= kNarrowMax && (st == at::kFloat || st == at::kDouble) && x.stride(1) == 1 &&
-         x.size(0) > 0;
+  return out_features <= kNarrowMax && (st == at::kFloat || st == at::kDouble) && x.stride(1) == 1 && x.size(0) > 0;
 }
 
 template <typename T>
-void narrow_forward(const at::Tensor& x, const at::Tensor& w, const T* bias, bool relu, at::Tensor& out) {
-  switch (narrow_pad(w.size(0))) {
-    case 16: return narrow_forward_np<T, 16>(x, w, bias, relu, out);
-    case 32: return narrow_forward_np<T, 32>(x, w, bias, relu, out);
-    default: return narrow_forward_np<T, 64>(x, w, bias, relu, out);
-  }
+void narrow_forward(const at::Tensor& x, const at::Tensor& w_in, const T* bias, bool relu, at::Tensor& out) {
+  const at::Tensor w = w_in.stride(1) == 1 ? w_in : w_in.contiguous();
+  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  // ~64K multiply-adds per task: enough to amortise a task, fine enough to use
+  // two or more threads at batch 64.
+  const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(K * N, 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    narrow_forward_rows<T>(xp, x.stride(0), wp, w.stride(0), bias, relu, op, N, K, begin, end);
+  });
 }
 
 // g: [B, N] masked output gradient (row stride g.stride(0), unit column
-// stride); dw: [N, K] contiguous. Parallel over blocks of 64 input features.
+// stride); dw: [N, K] contiguous. Parallel over blocks of input features.
 template <typename T>
 void narrow_weight_grad(const at::Tensor& x, const at::Tensor& g, at::Tensor& dw) {
   const int64_t B = x.size(0), K = x.size(1), N = dw.size(0);
   const T* xp = x.const_data_ptr<T>();
   const T* gp = g.const_data_ptr<T>();
   T* dwp = dw.data_ptr<T>();
-  const int64_t blocks = (K + 63) / 64;
-  const int64_t grain = std::max<int64_t>(1, 64 / std::max<int64_t>(B * N / 256, 1));
+  const int64_t blocks = (K + kWeightGradCols - 1) / kWeightGradCols;
+  // ~64K multiply-adds per task, as in the forward.
+  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(B * N, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     narrow_weight_grad_blocks<T>(xp, x.stride(0), gp, g.stride(0), dwp, N, K, B, begin, end);
   });
