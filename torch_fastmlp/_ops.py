@@ -36,8 +36,22 @@ def check_device(*tensors: torch.Tensor | None) -> None:
 
 
 def device_supported(device: torch.device) -> bool:
-    """True when this build has kernels for ``device``."""
-    return device.type == "cpu" or (device.type == "cuda" and WITH_CUDA)
+    """True when this build has kernels for ``device`` (meta: shapes only, via the fake impls)."""
+    return device.type in ("cpu", "meta") or (device.type == "cuda" and WITH_CUDA)
+
+
+def _same_device(input: torch.Tensor, **others: object) -> None:
+    """The fake impls also serve calls that mix meta with real tensors: check
+    the devices as the real kernels do, instead of returning uninitialised memory."""
+    for name, t in others.items():
+        tensors = t if isinstance(t, (list, tuple)) else [t]
+        for u in tensors:
+            if isinstance(u, torch.Tensor):
+                torch._check(
+                    u.device == input.device,
+                    lambda name=name, u=u: f"fastmlp: expected {name} and input to be on the same device, "
+                    f"but got {u.device} and {input.device}",
+                )
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -46,6 +60,7 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("fastmlp::linear_act")
 def _linear_act_fake(input, weight, bias, relu):
+    _same_device(input, weight=weight, bias=bias)
     torch._check(input.dim() == 2 and weight.dim() == 2)
     torch._check(input.shape[1] == weight.shape[1])
     return input.new_empty((input.shape[0], weight.shape[0]))
@@ -53,6 +68,7 @@ def _linear_act_fake(input, weight, bias, relu):
 
 @torch.library.register_fake("fastmlp::linear_act_backward")
 def _linear_act_backward_fake(grad_output, input, weight, output, relu, output_mask):
+    _same_device(input, grad_output=grad_output, weight=weight, output=output)
     return (
         input.new_empty(input.shape) if output_mask[0] else _empty(input),
         input.new_empty(weight.shape) if output_mask[1] else _empty(input),
@@ -62,6 +78,7 @@ def _linear_act_backward_fake(grad_output, input, weight, output, relu, output_m
 
 @torch.library.register_fake("fastmlp::mlp_forward")
 def _mlp_forward_fake(input, weights, biases, last_relu):
+    _same_device(input, weights=weights, biases=biases)
     batch = input.shape[0]
     hidden = sum(batch * w.shape[0] for w in weights[:-1])
     return input.new_empty((batch, weights[-1].shape[0])), input.new_empty((hidden,))
@@ -71,6 +88,7 @@ def _mlp_forward_fake(input, weights, biases, last_relu):
 def _mlp_backward_fake(
     grad_output, input, weights, hidden, output, last_relu, input_grad, weight_mask, bias_mask
 ):
+    _same_device(input, grad_output=grad_output, weights=weights, hidden=hidden, output=output)
     grad_input = input.new_empty(input.shape) if input_grad else _empty(input)
     grad_weights = [
         input.new_empty(w.shape) if m else _empty(input) for w, m in zip(weights, weight_mask, strict=True)
@@ -83,6 +101,7 @@ def _mlp_backward_fake(
 
 @torch.library.register_fake("fastmlp::bce_with_logits")
 def _bce_fake(input, target, weight, pos_weight, reduction, input_grad):
+    _same_device(input, target=target, weight=weight, pos_weight=pos_weight)
     loss = input.new_empty(()) if reduction != 0 else input.new_empty(input.shape)
     grad = input.new_empty(input.shape) if (input_grad and reduction != 0) else _empty(input)
     return loss, grad
@@ -90,6 +109,7 @@ def _bce_fake(input, target, weight, pos_weight, reduction, input_grad):
 
 @torch.library.register_fake("fastmlp::bce_with_logits_backward")
 def _bce_backward_fake(grad_output, input, target, weight, pos_weight, reduction, output_mask):
+    _same_device(input, grad_output=grad_output, target=target, weight=weight, pos_weight=pos_weight)
     return (
         input.new_empty(input.shape) if output_mask[0] else _empty(input),
         input.new_empty(input.shape) if output_mask[1] else _empty(input),
@@ -100,6 +120,7 @@ def _bce_backward_fake(grad_output, input, target, weight, pos_weight, reduction
 def _mlp_bce_step_fake(
     input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad, weight_mask, bias_mask
 ):
+    _same_device(input, target=target, weights=weights, biases=biases, weight=weight, pos_weight=pos_weight)
     grad_input = input.new_empty(input.shape) if input_grad else _empty(input)
     grad_weights = [input.new_empty(w.shape) if m else _empty(input) for w, m in zip(weights, weight_mask, strict=True)]
     grad_biases = [

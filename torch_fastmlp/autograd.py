@@ -1,8 +1,12 @@
 """``torch.autograd.Function`` subclasses that drive the fused ops.
 
-Each saves only what its backward reads (never more than eager ``torch.nn``
-saves) and computes only the gradients autograd asks for, so frozen layers and
-inputs that do not require grad cost nothing extra.
+Each saves only what its backward reads and computes only the gradients
+autograd asks for, so frozen layers and inputs that do not require grad cost
+nothing extra. The per-layer, chain and loss Functions never save more than
+eager ``torch.nn`` does; :class:`MLPBCEFunction` computes the gradients in
+forward, so it holds them (at most the parameter gradients that eager
+allocates in backward anyway, plus the input gradient when asked for) instead
+of the activations.
 
 They use the ``forward(ctx, ...)`` form: the ``setup_context`` form binds
 arguments through ``inspect.signature`` on every call (~15 µs), which alone

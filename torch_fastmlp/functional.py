@@ -26,16 +26,27 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     check_device(input, weight, bias)
 
 
+def _kernel_layout(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The kernels take nn.Linear's layout: weight [out, in], bias [out] or None.
+    torch.nn.functional.linear also accepts a 1-D weight and a broadcast bias;
+    those rare forms are computed by torch itself."""
+    return weight.dim() == 2 and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+
+
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``input @ weight.T + bias`` like :func:`torch.nn.functional.linear`, with the
     bias add fused into the GEMM epilogue. ``input`` is ``[*, in_features]``."""
     _check_linear(input, weight, bias, "linear")
+    if not _kernel_layout(weight, bias):
+        return torch.nn.functional.linear(input, weight, bias)
     return LinearFunction.apply(input, weight, bias)
 
 
 def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(input @ weight.T + bias)`` in one fused op, forward and backward."""
     _check_linear(input, weight, bias, "linear_relu")
+    if not _kernel_layout(weight, bias):
+        return torch.relu(torch.nn.functional.linear(input, weight, bias))
     return LinearReLUFunction.apply(input, weight, bias)
 
 
@@ -79,13 +90,24 @@ def binary_cross_entropy_with_logits(
     reduction_enum = _reduction.get_enum(reduction)  # ValueError for a bad string, as torch
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-    check_device(input, target, weight, pos_weight)
     for name, t in (("weight", weight), ("pos_weight", pos_weight)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
+        if t is None:
+            continue
+        _check_tensor(t, name, fn)
+        if t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 f"The function 'binary_cross_entropy_with_logits' is not differentiable with respect to "
                 f"argument '{name}'. This input cannot have requires_grad True."
             )
+    check_device(input, target, weight, pos_weight)
+    if not input.is_floating_point() or any(
+        t is not None and t.dtype != input.dtype for t in (target, weight, pos_weight)
+    ):
+        # Integer or mixed dtypes: torch's own type promotion (its result takes
+        # the target's dtype) and errors, exactly, by torch's own code.
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            input, target, weight, reduction=reduction, pos_weight=pos_weight
+        )
     empty = input.numel() == 0  # weights are irrelevant (and may not broadcast to a 0-size shape)
     return BCEWithLogitsFunction.apply(
         input,

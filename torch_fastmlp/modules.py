@@ -286,7 +286,12 @@ class FusedBCEClassifier(nn.Module):
             return None
         out_features = chain.linears[-1].out_features
         if target.requires_grad or target.dtype != input.dtype or target.device != input.device:
+            return None  # torch's promotion / target gradient: the unfused path
+        if input.numel() == 0 or target.numel() == 0:
             return None
+        for buf in (self.weight, self.pos_weight):
+            if buf is not None and (buf.dtype != input.dtype or buf.device != input.device):
+                return None
         if tuple(target.shape) != (*input.shape[:-1], out_features):
             return None
         return chain, params

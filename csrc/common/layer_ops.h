@@ -38,9 +38,12 @@ template <class Kernels> struct LayerOps {
     check_same(grad_output, input, "grad_output", "input");
     const std::vector<int64_t> out_shape{input.size(0), weight.size(0)};
     TORCH_CHECK(grad_output.sizes() == out_shape, "fastmlp.linear_act_backward: expected grad_output of shape ",
-                out_shape, ", got ", grad_output.sizes());
-    TORCH_CHECK(!relu || output.sizes() == out_shape, "fastmlp.linear_act_backward: expected output of shape ",
-                out_shape, ", got ", output.sizes());
+                c10::IntArrayRef(out_shape), ", got ", grad_output.sizes());
+    if (relu) {
+      check_same(output, input, "output", "input");
+      TORCH_CHECK(output.sizes() == out_shape, "fastmlp.linear_act_backward: expected output of shape ", out_shape,
+                  ", got ", output.sizes());
+    }
     typename Kernels::Guard guard(input.device());
     BelowAutograd below_autograd;
     auto [gx, gw, gb] = Kernels::layer_backward(grad_output, input, weight, output, relu, output_mask[0],
@@ -79,13 +82,21 @@ template <class Kernels> struct LayerOps {
                 weight_mask.size(), " and ", bias_mask.size());
     TORCH_CHECK(!last_relu || (output.has_value() && output->defined()),
                 "fastmlp.mlp_backward: last_relu needs the saved output");
-    const int64_t batch = input.size(0);
+    const int64_t batch = input.size(0), out_features = weights.back().size(0);
     const std::vector<int64_t> offsets = hidden_offsets(batch, weights);
-    TORCH_CHECK(hidden.numel() == offsets.back(), "fastmlp.mlp_backward: hidden has ", hidden.numel(),
-                " elements, expected ", offsets.back());
-    TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == batch && grad_output.size(1) == weights.back().size(0),
+    check_same(hidden, input, "hidden", "input");
+    TORCH_CHECK(hidden.dim() == 1 && hidden.numel() == offsets.back(), "fastmlp.mlp_backward: expected hidden to be ",
+                "1-D with ", offsets.back(), " elements, got shape ", hidden.sizes());
+    check_same(grad_output, input, "grad_output", "input");
+    TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == batch && grad_output.size(1) == out_features,
                 "fastmlp.mlp_backward: grad_output has shape ", grad_output.sizes(), ", expected [", batch, ", ",
-                weights.back().size(0), "]");
+                out_features, "]");
+    if (last_relu) {
+      check_same(*output, input, "output", "input");
+      TORCH_CHECK(output->dim() == 2 && output->size(0) == batch && output->size(1) == out_features,
+                  "fastmlp.mlp_backward: output has shape ", output->sizes(), ", expected [", batch, ", ",
+                  out_features, "]");
+    }
     typename Kernels::Guard guard(input.device());
     BelowAutograd below_autograd;
 

@@ -44,7 +44,8 @@ template <typename T> FASTMLP_HD T sigmoid_neg(T x) {
 // Binary cross-entropy with logits, one element. w: weight, pw: pos_weight.
 //   loss     = w * ((1 - y) * x + (1 + (pw - 1) * y) * softplus(-x))
 //   dloss/dx = w * ((1 - y) - (1 + (pw - 1) * y) * sigmoid(-x))
-//   dloss/dy = w * (-x + (pw - 1) * softplus(-x))
+//   dloss/dy = w * (pw * softplus(-x) - softplus(x))
+//            (= w * (-x + (pw - 1) * softplus(-x)), which is inf - inf at x = -inf)
 template <typename T> struct BceTerms {
   T loss;
   T grad_input;
@@ -60,7 +61,7 @@ template <typename T> FASTMLP_HD BceTerms<T> bce_terms(T x, T y, T w, T pw) {
 }
 
 template <typename T> FASTMLP_HD T bce_grad_target(T x, T w, T pw) {
-  return w * (-x + (pw - T(1)) * softplus_neg(x));
+  return w * (pw * softplus_neg(x) - softplus_neg(-x));
 }
 
 }  // namespace fastmlp

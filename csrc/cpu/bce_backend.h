@@ -58,7 +58,7 @@ struct CpuBceKernels {
       std::vector<double> partial(chunks, 0.0);
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
-          opmath_t acc = 0;
+          double acc = 0;  // as torch's sum, closer than a float running sum
           const int64_t end = std::min(n, (chunk + 1) * kBceChunk);
           for (int64_t i = chunk * kBceChunk; i < end; ++i) {
             const auto t = bce_terms<opmath_t>(xp[i], yp[i], wt(i), pwt(i));

@@ -70,7 +70,7 @@ StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorLis
   // Per-element weights are patterns along the flattened [B, N_out] logits; a
   // tile of whole rows sees them from offset 0 only when they repeat per row.
   auto per_row = [&](const c10::optional<at::Tensor>& t) {
-    return !t.has_value() || !t->defined() || out_features % t->numel() == 0;
+    return !t.has_value() || !t->defined() || (t->numel() > 0 && out_features % t->numel() == 0);
   };
   if (!per_row(weight) || !per_row(pos_weight)) {
     return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
