@@ -53,10 +53,13 @@ template <typename T> struct BceTerms {
 
 template <typename T> FASTMLP_HD BceTerms<T> bce_terms(T x, T y, T w, T pw) {
   const T log_weight = T(1) + (pw - T(1)) * y;
-  const T sp = softplus_neg(x);
+  // softplus(-x) and sigmoid(-x) share one exp(-|x|) (the costly part).
+  const T e = m_exp(-m_abs(x));
+  const T sp = (x < T(0) ? -x : T(0)) + m_log1p(e);
+  const T sig_neg = x >= T(0) ? e / (T(1) + e) : T(1) / (T(1) + e);
   BceTerms<T> r;
   r.loss = w * ((T(1) - y) * x + log_weight * sp);
-  r.grad_input = w * ((T(1) - y) - log_weight * sigmoid_neg(x));
+  r.grad_input = w * ((T(1) - y) - log_weight * sig_neg);
   return r;
 }
 

@@ -14,7 +14,7 @@ namespace fastmlp::cpu {
 
 // Elements per chunk of the loss reduction: fixed, so the summation order does
 // not depend on the thread count.
-constexpr int64_t kBceChunk = 4096;
+constexpr int64_t kBceChunk = 1024;
 
 // A weight / pos_weight pattern: `period` values repeating along the input.
 template <typename scalar_t> struct BcePattern {
