@@ -5,35 +5,9 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "common/bce_ops.h"
-#include "cuda/bce.cuh"
+#include "cuda/kernel_params.h"
 
 namespace fastmlp::cuda {
-
-template <typename scalar_t> inline BcePattern<scalar_t> pattern_of(const at::Tensor& t) {
-  BcePattern<scalar_t> p;
-  if (t.defined()) {
-    p.ptr = t.const_data_ptr<scalar_t>();
-    p.period = t.numel();
-  }
-  return p;
-}
-
-template <typename scalar_t> inline BceParams<scalar_t> params_of(const at::Tensor& x, const at::Tensor& y,
-                                                           const at::Tensor& w, const at::Tensor& pw,
-                                                           int64_t reduction) {
-  BceParams<scalar_t> p;
-  p.n = x.numel();
-  p.input = x.const_data_ptr<scalar_t>();
-  p.target = y.const_data_ptr<scalar_t>();
-  p.weight = pattern_of<scalar_t>(w);
-  p.pos_weight = pattern_of<scalar_t>(pw);
-  p.reduction = reduction;
-  return p;
-}
-
-template <typename scalar_t> inline scalar_t* ptr_or_null(at::Tensor& t) {
-  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
-}
 
 struct CudaBceKernels {
   using Guard = c10::cuda::CUDAGuard;
@@ -42,7 +16,7 @@ struct CudaBceKernels {
                       int64_t reduction, at::Tensor& loss, at::Tensor& grad) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastmlp_bce_cuda", [&] {
       using acc = acc_t<scalar_t>;
-      BceParams<scalar_t> p = params_of<scalar_t>(x, y, w, pw, reduction);
+      BceParams<scalar_t> p = bce_params_of<scalar_t>(x, y, w, pw, reduction);
       p.loss = loss.data_ptr<scalar_t>();
       p.grad_input = ptr_or_null<scalar_t>(grad);
       at::Tensor workspace =
@@ -54,7 +28,7 @@ struct CudaBceKernels {
   static void backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
                        const at::Tensor& pw, int64_t reduction, at::Tensor& grad_input, at::Tensor& grad_target) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastmlp_bce_bwd_cuda", [&] {
-      BceParams<scalar_t> p = params_of<scalar_t>(x, y, w, pw, reduction);
+      BceParams<scalar_t> p = bce_params_of<scalar_t>(x, y, w, pw, reduction);
       p.grad_output = grad_loss.const_data_ptr<scalar_t>();
       p.grad_input = ptr_or_null<scalar_t>(grad_input);
       p.grad_target = ptr_or_null<scalar_t>(grad_target);

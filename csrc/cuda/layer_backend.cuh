@@ -7,17 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "common/layer_ops.h"
-#include "cuda/gemm.cuh"
+#include "cuda/kernel_params.h"
 
 namespace fastmlp::cuda {
-
-template <typename scalar_t> inline Strided<scalar_t> strided(const at::Tensor& t, bool transpose = false) {
-  Strided<scalar_t> s;
-  s.ptr = t.const_data_ptr<scalar_t>();
-  s.row_stride = transpose ? t.stride(1) : t.stride(0);
-  s.col_stride = transpose ? t.stride(0) : t.stride(1);
-  return s;
-}
 
 // Runs one GEMM: picks split-K for this device and allocates its workspace.
 template <typename scalar_t> inline void run_gemm(GemmParams<scalar_t>& p, const at::Tensor& like) {

@@ -19,8 +19,7 @@ FASTMLP_EMU_DYNAMIC_SMEM(fastmlp_emu_tests, buf)
 FASTMLP_EMU_TLS_INIT_STUB(fastmlp_emu_tls_init_tests_buf, "_ZTHN17fastmlp_emu_tests3bufE")
 
 #include "broken_kernels.cuh"
-#include "cuda/bce.cuh"
-#include "cuda/gemm.cuh"
+#include "cuda/kernel_params.h"
 #include "selftest_kernels.cuh"
 
 namespace {
@@ -70,7 +69,6 @@ at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   return at::full(shape, -12345, opts);
 }
 
-template <typename T> T* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
 // ---- harness self-tests ------------------------------------------------------
 
@@ -206,14 +204,6 @@ std::tuple<at::Tensor, at::Tensor> broken(const std::string& name, bool bug, con
 
 // ---- the project's kernels ---------------------------------------------------
 
-template <typename T> fc::Strided<T> strided(const at::Tensor& t) {
-  fc::Strided<T> s;
-  s.ptr = t.const_data_ptr<T>();
-  s.row_stride = t.stride(0);
-  s.col_stride = t.stride(1);
-  return s;
-}
-
 // c[M, N] = epilogue((a * (mask > 0))[M, K] . b[K, N]), rowsum[M] = row sums of
 // the masked a, through launch_gemm with the split-K choice of a device with
 // `sm_count` SMs. Returns (c, rowsum, splits); c / rowsum undefined if not wanted.
@@ -238,13 +228,13 @@ std::tuple<MaybeTensor, MaybeTensor, int64_t> gemm(const at::Tensor& a, const at
     p.M = a.size(0);
     p.N = want_c ? b.size(1) : 0;
     p.K = a.size(1);
-    p.a = strided<scalar_t>(a);
-    if (mask.defined()) p.a_mask = strided<scalar_t>(mask);
-    p.b = strided<scalar_t>(b);
+    p.a = fc::strided<scalar_t>(a);
+    if (mask.defined()) p.a_mask = fc::strided<scalar_t>(mask);
+    p.b = fc::strided<scalar_t>(b);
     p.bias = bias_t.defined() ? bias_t.const_data_ptr<scalar_t>() : nullptr;
     p.relu = relu;
-    p.c = ptr<scalar_t>(c);
-    p.a_rowsum = ptr<scalar_t>(rowsum);
+    p.c = fc::ptr_or_null<scalar_t>(c);
+    p.a_rowsum = fc::ptr_or_null<scalar_t>(rowsum);
     fc::choose_splits(p.M, p.N, p.K, static_cast<int>(sm_count), &p.splits, &p.k_chunk);
     splits = p.splits;
     const int64_t ws_elems = fc::gemm_workspace_elems(p);
@@ -259,22 +249,13 @@ std::tuple<MaybeTensor, MaybeTensor, int64_t> gemm(const at::Tensor& a, const at
                                        .out("a_rowsum", rowsum)
                                        .out("workspace", ws)
                                        .specs);
-    fc::launch_gemm(p, ptr<acc>(ws), kStream);
+    fc::launch_gemm(p, fc::ptr_or_null<acc>(ws), kStream);
   });
   return {maybe(c), maybe(rowsum), splits};
 }
 
-template <typename T> fc::BcePattern<T> pattern(const at::Tensor& t) {
-  fc::BcePattern<T> p;
-  if (t.defined()) {
-    p.ptr = t.const_data_ptr<T>();
-    p.period = t.numel();
-  }
-  return p;
-}
-
 // weight / pos_weight repeat with period numel() along the flattened input,
-// as in csrc/cuda/bce.cu. Returns (loss, grad_input or undefined).
+// as in csrc/cuda/bce_backend.cuh. Returns (loss, grad_input or undefined).
 std::tuple<at::Tensor, MaybeTensor> bce_forward(const at::Tensor& x, const at::Tensor& y,
                                                const std::optional<at::Tensor>& weight,
                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction,
@@ -286,15 +267,9 @@ std::tuple<at::Tensor, MaybeTensor> bce_forward(const at::Tensor& x, const at::T
   at::Tensor grad = want_grad && reduction != 0 ? empty_output(x.sizes(), x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_bce_fwd", [&] {
     using acc = fastmlp::acc_t<scalar_t>;
-    fc::BceParams<scalar_t> p;
-    p.n = x.numel();
-    p.input = x.const_data_ptr<scalar_t>();
-    p.target = y.const_data_ptr<scalar_t>();
-    p.weight = pattern<scalar_t>(w);
-    p.pos_weight = pattern<scalar_t>(pw);
-    p.reduction = reduction;
+    fc::BceParams<scalar_t> p = fc::bce_params_of<scalar_t>(x, y, w, pw, reduction);
     p.loss = loss.data_ptr<scalar_t>();
-    p.grad_input = ptr<scalar_t>(grad);
+    p.grad_input = fc::ptr_or_null<scalar_t>(grad);
     at::Tensor ws = empty_output({fc::bce_workspace_elems(p.n)}, x.options().dtype(c10::CppTypeToScalarType<acc>::value));
     fastmlp_emu::BufferScope scope(Device()
                                        .in("input", x)
@@ -320,16 +295,10 @@ std::tuple<MaybeTensor, MaybeTensor> bce_backward(const at::Tensor& grad_loss, c
   at::Tensor gi = want_input ? empty_output(x.sizes(), x.options()) : at::Tensor();
   at::Tensor gt = want_target ? empty_output(x.sizes(), x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_bce_bwd", [&] {
-    fc::BceParams<scalar_t> p;
-    p.n = x.numel();
-    p.input = x.const_data_ptr<scalar_t>();
-    p.target = y.const_data_ptr<scalar_t>();
-    p.weight = pattern<scalar_t>(w);
-    p.pos_weight = pattern<scalar_t>(pw);
-    p.reduction = reduction;
+    fc::BceParams<scalar_t> p = fc::bce_params_of<scalar_t>(x, y, w, pw, reduction);
     p.grad_output = grad_loss.const_data_ptr<scalar_t>();
-    p.grad_input = ptr<scalar_t>(gi);
-    p.grad_target = ptr<scalar_t>(gt);
+    p.grad_input = fc::ptr_or_null<scalar_t>(gi);
+    p.grad_target = fc::ptr_or_null<scalar_t>(gt);
     fastmlp_emu::BufferScope scope(Device()
                                        .in("grad_output", grad_loss)
                                        .in("input", x)
