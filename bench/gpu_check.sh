@@ -22,7 +22,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"  # on the lent GPU machines, python3 is the one with torch
 export MAX_JOBS="${MAX_JOBS:-16}"
 SANITIZER_K="${SANITIZER_K:-cuda}"
 SANITIZER_TIMEOUT="${SANITIZER_TIMEOUT:-900}"
@@ -56,7 +56,9 @@ skip_step() {
 
 build() {
     # Build for the visible GPU only: an unset arch list lets torch detect it.
-    env -u TORCH_CUDA_ARCH_LIST "$PYTHON" -m pip install --no-build-isolation -v -e .
+    # --no-deps: build against the torch already there (a lent GPU machine may
+    # hold another torch release and cannot download the pinned one).
+    env -u TORCH_CUDA_ARCH_LIST "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
 }
 
 # with_timeout SECONDS CMD...: run CMD under coreutils timeout when available.
