@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._ops import ops
 
@@ -41,13 +40,13 @@ def _shape_only(like: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def _first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
-    """``once_differentiable``, plus a clear error for ``create_graph=True``.
-
-    ``once_differentiable`` alone raises only when the incoming gradient
-    requires grad; a double backward such as a gradient penalty on
+    """Marks a backward as not differentiable, with a clear error for
+    ``create_graph=True`` (like ``once_differentiable``, which alone raises only
+    when the incoming gradient requires grad: a gradient penalty on
     ``autograd.grad(loss, x, create_graph=True)`` would otherwise get a
-    non-differentiable gradient and a silently wrong result."""
-    once = once_differentiable(backward)
+    non-differentiable gradient and a silently wrong result). Without
+    ``create_graph`` autograd runs backward with grad mode off, so the backward
+    is called as it is."""
 
     @functools.wraps(backward)
     def wrapper(ctx: Any, *grads: Any) -> Any:
@@ -56,9 +55,16 @@ def _first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
                 "torch_fastmlp: double backward (create_graph=True) is not supported by the fused "
                 "kernels; use the torch.nn modules for higher-order gradients"
             )
-        return once(ctx, *grads)
+        return backward(ctx, *grads)
 
     return wrapper
+
+
+def _is_unit_seed(grad_loss: torch.Tensor) -> bool:
+    """Whether a scalar loss's incoming gradient is exactly 1 (``loss.backward()``):
+    then gradients computed in forward are the answer as they are. Only checked
+    eagerly on the CPU, where reading the scalar costs no device sync."""
+    return not torch.compiler.is_compiling() and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
 
 
 def _linear_act_forward(
@@ -206,7 +212,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         need_input, need_target = ctx.needs_input_grad[:2]
         grad_input = grad_target = None
         if need_input and stored_grad is not None:
-            grad_input = stored_grad * grad_loss
+            grad_input = stored_grad if _is_unit_seed(grad_loss) else stored_grad * grad_loss
         elementwise_input = need_input and stored_grad is None
         if elementwise_input or need_target:
             gi, gt = ops.bce_with_logits_backward(
@@ -269,9 +275,7 @@ class MLPBCEFunction(torch.autograd.Function):
         n_layers = len(weight_mask)
         grad_input, grad_weights, grad_biases = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
 
-        # loss.backward() seeds 1: then the stored gradients are the answer. Only
-        # checked eagerly on the CPU, where reading the scalar costs no device sync.
-        unit = not torch.compiler.is_compiling() and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+        unit = _is_unit_seed(grad_loss)
 
         def scaled(g: torch.Tensor) -> torch.Tensor:
             return g if unit else g * grad_loss
