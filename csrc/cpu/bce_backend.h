@@ -95,7 +95,8 @@ struct CpuBceKernels {
       std::vector<double> partial(chunks, 0.0);
       // float with scalar weights: the vectorised loop (the common case).
       const bool vectorised = std::is_same_v<scalar_t, float> && wt.period == 1 && pwt.period == 1;
-      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      // ~1 ns an element vectorised: below 16 chunks a second thread costs more than it saves.
+      at::parallel_for(0, chunks, 16, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
           const int64_t end = std::min(n, (chunk + 1) * kBceChunk);
           if (vectorised) {  // scalar_t is float: the casts are identities
