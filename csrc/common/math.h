@@ -35,12 +35,6 @@ template <typename T> FASTMLP_HD T softplus_neg(T x) {
   return (x < T(0) ? -x : T(0)) + m_log1p(m_exp(-m_abs(x)));
 }
 
-// sigmoid(-x) = 1 - sigmoid(x), without overflow for large |x|.
-template <typename T> FASTMLP_HD T sigmoid_neg(T x) {
-  T e = m_exp(-m_abs(x));  // in (0, 1]
-  return x >= T(0) ? e / (T(1) + e) : T(1) / (T(1) + e);
-}
-
 // Binary cross-entropy with logits, one element. w: weight, pw: pos_weight.
 //   loss     = w * ((1 - y) * x + (1 + (pw - 1) * y) * softplus(-x))
 //   dloss/dx = w * ((1 - y) - (1 + (pw - 1) * y) * sigmoid(-x))

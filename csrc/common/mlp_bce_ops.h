@@ -13,14 +13,19 @@
 
 namespace fastmlp {
 
+// The single-pass step has no form for an unreduced loss.
+inline void check_step_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum,
+              "fastmlp.mlp_bce_step: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+}
+
 template <class LayerKernels, class BceKernels> struct MlpBceOps {
   static std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
       const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
       const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu, const c10::optional<at::Tensor>& weight,
       const c10::optional<at::Tensor>& pos_weight, int64_t reduction, bool input_grad,
       const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
-    TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum,
-                "fastmlp.mlp_bce_step: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+    check_step_reduction(reduction);
     auto [output, hidden] = LayerOps<LayerKernels>::mlp_forward(input, weights, biases, last_relu);
     TORCH_CHECK(target.sizes() == output.sizes(), "fastmlp.mlp_bce_step: Target size (", target.sizes(),
                 ") must be the same as input size (", output.sizes(), ")");

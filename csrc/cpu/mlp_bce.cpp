@@ -60,8 +60,7 @@ StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorLis
     return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
                          weight_mask, bias_mask);
   }
-  TORCH_CHECK(reduction == kReductionMean || reduction == kReductionSum,
-              "fastmlp.mlp_bce_step: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+  check_step_reduction(reduction);
   const int64_t batch = input.size(0), out_features = weights.back().size(0);
   TORCH_CHECK(target.dim() == 2 && target.size(0) == batch && target.size(1) == out_features,
               "fastmlp.mlp_bce_step: Target size (", target.sizes(), ") must be the same as input size ([", batch,
