@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/simd.h"
+
 #ifndef FASTMLP_CUDA_ARCHS
 #define FASTMLP_CUDA_ARCHS ""
 #endif
@@ -20,6 +22,10 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddIntConstant(m, "with_cuda", 0);
 #endif
   PyModule_AddStringConstant(m, "cuda_archs", FASTMLP_CUDA_ARCHS);
+  const fastmlp::cpu::Isa isa = fastmlp::cpu::detected_isa();
+  PyModule_AddStringConstant(m, "cpu_isa", isa == fastmlp::cpu::Isa::kAvx512 ? "avx512"
+                                           : isa == fastmlp::cpu::Isa::kAvx2 ? "avx2"
+                                                                              : "baseline");
   return m;
 }
 

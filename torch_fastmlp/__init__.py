@@ -4,7 +4,7 @@ replacements for ``torch.nn.Sequential`` and ``torch.nn.BCEWithLogitsLoss``."""
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import functional
-from ._ops import CUDA_ARCHS, WITH_CUDA
+from ._ops import CPU_ISA, CUDA_ARCHS, WITH_CUDA
 from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction, MLPBCEFunction, MLPFunction
 from .modules import MLP, BCEWithLogitsLoss, FusedBCEClassifier, FusedLinearReLU, Sequential, fuse
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BCEWithLogitsFunction",
     "BCEWithLogitsLoss",
+    "CPU_ISA",
     "CUDA_ARCHS",
     "FusedBCEClassifier",
     "FusedLinearReLU",

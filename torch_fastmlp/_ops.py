@@ -16,6 +16,10 @@ ops = torch.ops.fastmlp
 WITH_CUDA: bool = bool(_C.with_cuda)
 #: The CUDA architectures the kernels were compiled for ("" for a CPU-only build).
 CUDA_ARCHS: str = _C.cuda_archs
+#: The vector ISA the CPU kernels run with here: "avx512", "avx2" or "baseline"
+#: (the widest this CPU has, unless the FASTMLP_CPU_ISA environment variable
+#: asks for a narrower one at import).
+CPU_ISA: str = _C.cpu_isa
 
 
 def check_device(*tensors: torch.Tensor | None) -> None:

@@ -26,7 +26,7 @@ def main() -> None:
         print(f"GPU: {name} (sm {cap}); usable by torch_fastmlp: {usable}")
     else:
         print("GPU: none visible")
-    print(f"CPU threads: {torch.get_num_threads()}")
+    print(f"CPU kernels: {torch_fastmlp.CPU_ISA} vectors, {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 
 #include "common/bce_ops.h"
 #include "common/math.h"
-#include "cpu/narrow_gemm.h"  // FASTMLP_CPU_CLONES
+#include "cpu/simd.h"  // FASTMLP_CPU_CLONES
 #include "cpu/vec_math.h"
 
 namespace fastmlp::cpu {

@@ -1,28 +1,23 @@
 // Register-blocked GEMMs for narrow layers (out_features <= 64, e.g. 784 -> 30),
 // where BLAS pays more in packing and blocking than the products cost:
-//   forward  y[b, n] = x[b, :] . w[n, :]         4 x 4 dot products along k
-//   weights  dW[n, k0:k0+64] += g[b, n] * x[b, k0:k0+64], summed over b
-// Plain loops with compile-time trip counts that the compiler vectorises for
-// each ISA (target_clones picks AVX-512 / AVX2 / baseline at run time).
-// The weight gradient is split over k across threads, each summing over the
-// whole batch in order: deterministic for any thread count.
+//   forward  y[b, :] = sum_k x[b, k] * wt[k, :]   outer products: R rows x NV
+//            vectors of outputs stay in registers, the weights are packed
+//            transposed once per call ([K, NV * lanes], zero padded)
+//   forward  y[b, n] = x[b, :] . w[n, :]          dot products, for a handful
+//            of outputs (N = 1 would waste all but one lane of the outer form)
+//   weights  dW[n, k0:k0+4 lanes] += g[b, n] * x[b, k0:...], summed over b
+// Every output element is a sum in a fixed order (k for the forward, b for the
+// weight gradient) whatever the row/column blocking, so the result does not
+// depend on how rows or columns are split over threads.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "common/math.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTMLP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FASTMLP_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTMLP_CPU_CLONES
-#define FASTMLP_ALWAYS_INLINE inline
-#endif
+#include "cpu/simd.h"
 
 namespace fastmlp::cpu {
 
@@ -38,49 +33,52 @@ constexpr int64_t kNarrowMax = 64;  // widest layer served by the forward kernel
 // BLAS wins at that width.
 constexpr int64_t kWeightGradNarrowMax = 128;
 
+constexpr int64_t kCacheLine = 64;  // bytes
+// Smaller batches take the forward's dot form: with the packing (~4 µs per
+// worker for 784 x 30) the outer form wins from here on (measured, 1-2 threads).
+constexpr int64_t kOuterMinRows = 256;
+constexpr int64_t kKeptPackBytes = 4 << 20;      // packed weights kept per thread up to this size
 
-// A 64-byte vector (GCC vector extension): one zmm register, or two ymm / four
-// xmm in the narrower clones. Explicit vectors keep the accumulators in registers.
-template <typename T> struct Vec64 {
-  typedef T type __attribute__((vector_size(64)));
-};
-
-template <typename T, typename V>
-FASTMLP_ALWAYS_INLINE V load_vec(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
+// The vector width (bytes) of the kernels FASTMLP_ISA_ENTRY runs on this CPU.
+inline int vector_bytes() {
+  switch (detected_isa()) {
+    case Isa::kAvx512: return 64;
+    case Isa::kAvx2: return 32;
+    default: return 16;
+  }
 }
 
-template <typename T, int R, int C>
+// ---- forward, dot-product form -------------------------------------------------
+
+template <typename T, int kBytes, int R, int C>
 FASTMLP_ALWAYS_INLINE void dot_block(const T* x, int64_t ldx, const T* w, int64_t ldw, int64_t K, T (&out)[R][C]) {
-  using V = typename Vec64<T>::type;
-  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(T));
+  using S = Simd<T, kBytes>;
+  using V = typename S::Vec;
   V acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = V{} ;
+    for (int c = 0; c < C; ++c) acc[r][c] = V{};
   int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
+  for (; k + S::kLanes <= K; k += S::kLanes) {
     V xv[R], wv[C];
-    for (int r = 0; r < R; ++r) xv[r] = load_vec<T, V>(x + r * ldx + k);
-    for (int c = 0; c < C; ++c) wv[c] = load_vec<T, V>(w + c * ldw + k);
+    for (int r = 0; r < R; ++r) xv[r] = S::load(x + r * ldx + k);
+    for (int c = 0; c < C; ++c) wv[c] = S::load(w + c * ldw + k);
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] += xv[r] * wv[c];
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       T sum = T(0);
-      for (int v = 0; v < kLanes; ++v) sum += acc[r][c][v];
+      for (int v = 0; v < S::kLanes; ++v) sum += acc[r][c][v];
       for (int64_t kk = k; kk < K; ++kk) sum += x[r * ldx + kk] * w[c * ldw + kk];
       out[r][c] = sum;
     }
 }
 
-template <typename T, int R, int C>
-FASTMLP_ALWAYS_INLINE void forward_block(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias, bool relu,
-                                         T* out, int64_t N, int64_t K, int64_t b, int64_t n0) {
+template <typename T, int kBytes, int R, int C>
+FASTMLP_ALWAYS_INLINE void dot_forward_block(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias,
+                                             bool relu, T* out, int64_t N, int64_t K, int64_t b, int64_t n0) {
   T dots[R][C];
-  dot_block<T, R, C>(x + b * ldx, ldx, w + n0 * ldw, ldw, K, dots);
+  dot_block<T, kBytes, R, C>(x + b * ldx, ldx, w + n0 * ldw, ldw, K, dots);
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       const T v = dots[r][c] + (bias ? bias[n0 + c] : T(0));
@@ -88,92 +86,220 @@ FASTMLP_ALWAYS_INLINE void forward_block(const T* x, int64_t ldx, const T* w, in
     }
 }
 
-template <typename T, int R>
-FASTMLP_ALWAYS_INLINE void forward_rows_of(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias, bool relu,
-                                           T* out, int64_t N, int64_t K, int64_t b) {
+template <typename T, int kBytes, int R>
+FASTMLP_ALWAYS_INLINE void dot_forward_row_block(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias,
+                                                 bool relu, T* out, int64_t N, int64_t K, int64_t b) {
   int64_t n0 = 0;
-  for (; n0 + 4 <= N; n0 += 4) forward_block<T, R, 4>(x, ldx, w, ldw, bias, relu, out, N, K, b, n0);
-  for (; n0 < N; ++n0) forward_block<T, R, 1>(x, ldx, w, ldw, bias, relu, out, N, K, b, n0);
+  for (; n0 + 4 <= N; n0 += 4) dot_forward_block<T, kBytes, R, 4>(x, ldx, w, ldw, bias, relu, out, N, K, b, n0);
+  for (; n0 < N; ++n0) dot_forward_block<T, kBytes, R, 1>(x, ldx, w, ldw, bias, relu, out, N, K, b, n0);
 }
 
-// out[b, 0:N] = act(x[b, :] . w[n, :] + bias[n]) for rows [begin, end).
-template <typename T>
-FASTMLP_CPU_CLONES void narrow_forward_rows(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias, bool relu,
-                                            T* out, int64_t N, int64_t K, int64_t begin, int64_t end) {
+template <typename T, int kBytes>
+FASTMLP_ALWAYS_INLINE void dot_forward_rows(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* bias,
+                                            bool relu, T* out, int64_t N, int64_t K, int64_t begin, int64_t end) {
   int64_t b = begin;
-  for (; b + 4 <= end; b += 4) forward_rows_of<T, 4>(x, ldx, w, ldw, bias, relu, out, N, K, b);
-  for (; b < end; ++b) forward_rows_of<T, 1>(x, ldx, w, ldw, bias, relu, out, N, K, b);
+  for (; b + 4 <= end; b += 4) dot_forward_row_block<T, kBytes, 4>(x, ldx, w, ldw, bias, relu, out, N, K, b);
+  for (; b < end; ++b) dot_forward_row_block<T, kBytes, 1>(x, ldx, w, ldw, bias, relu, out, N, K, b);
 }
 
-// dW[n0 + r, k0 : k0 + NV * lanes] = sum_b g[b, n0 + r] * x[b, k0 : ...]: R
-// gradient columns broadcast against NV vectors of input features, summed over
-// the batch in order.
-template <typename T, int NV, int R>
-FASTMLP_ALWAYS_INLINE void weight_grad_block(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t K,
-                                             int64_t B, int64_t n0, int64_t k0, bool accumulate) {
-  using V = typename Vec64<T>::type;
-  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(T));
+// ---- forward, outer-product form -----------------------------------------------
+
+// Rows R of x times the packed weights, NV vectors of outputs per row. While
+// it works, the next `prefetch_rows` rows of x are fetched one cache line ahead
+// of use (the hardware prefetcher alone does not keep R streams fed from DRAM).
+template <typename T, int kBytes, int R, int NV>
+FASTMLP_ALWAYS_INLINE void outer_block(const T* x, int64_t ldx, const T* wt, const T* bias, bool relu, T* out,
+                                       int64_t N, int64_t K, int64_t prefetch_rows) {
+  using S = Simd<T, kBytes>;
+  using V = typename S::Vec;
+  constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(T));
   V acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j)
-      acc[r][j] = accumulate ? load_vec<T, V>(dw + (n0 + r) * K + k0 + j * kLanes) : V{};
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    if (k % kLine == 0) {
+      for (int64_t r = 0; r < prefetch_rows; ++r) __builtin_prefetch(x + (R + r) * ldx + k);
+    }
+    V wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = S::load(wt + (k * NV + j) * S::kLanes);
+    for (int r = 0; r < R; ++r) {
+      const T xv = x[r * ldx + k];
+      for (int j = 0; j < NV; ++j) acc[r][j] += wv[j] * xv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    T row[NV * S::kLanes];
+    for (int j = 0; j < NV; ++j) S::store(row + j * S::kLanes, acc[r][j]);
+    T* o = out + r * N;
+    for (int64_t n = 0; n < N; ++n) {
+      const T v = row[n] + (bias ? bias[n] : T(0));
+      o[n] = relu ? fastmlp::relu(v) : v;
+    }
+  }
+}
+
+// Rows per outer-form block with nv output vectors: as many accumulators as the
+// register file holds, at most 12 rows.
+constexpr int outer_block_rows(int vector_bytes, int64_t nv) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(12, accumulator_budget(vector_bytes) / nv)));
+}
+
+// Rows [b, end) in blocks of R; the rest in blocks of 8, 4, 2 and 1 rows (a
+// one-row block reads a weight vector per multiply-add: slow if used much).
+template <typename T, int kBytes, int NV, int R>
+FASTMLP_ALWAYS_INLINE int64_t outer_blocks_of(const T* x, int64_t ldx, const T* wt, const T* bias, bool relu, T* out,
+                                              int64_t N, int64_t K, int64_t b, int64_t end, int64_t rows_total) {
+  for (; b + R <= end; b += R) {
+    const int64_t ahead = std::clamp<int64_t>(rows_total - b - R, 0, R);
+    outer_block<T, kBytes, R, NV>(x + b * ldx, ldx, wt, bias, relu, out + b * N, N, K, ahead);
+  }
+  return b;
+}
+
+template <typename T, int kBytes, int NV>
+FASTMLP_ALWAYS_INLINE void outer_rows(const T* x, int64_t ldx, const T* wt, const T* bias, bool relu, T* out,
+                                      int64_t N, int64_t K, int64_t begin, int64_t end, int64_t rows_total) {
+  constexpr int R = outer_block_rows(kBytes, NV);
+  int64_t b = outer_blocks_of<T, kBytes, NV, R>(x, ldx, wt, bias, relu, out, N, K, begin, end, rows_total);
+  if constexpr (R > 8) b = outer_blocks_of<T, kBytes, NV, 8>(x, ldx, wt, bias, relu, out, N, K, b, end, rows_total);
+  if constexpr (R > 4) b = outer_blocks_of<T, kBytes, NV, 4>(x, ldx, wt, bias, relu, out, N, K, b, end, rows_total);
+  if constexpr (R > 2) b = outer_blocks_of<T, kBytes, NV, 2>(x, ldx, wt, bias, relu, out, N, K, b, end, rows_total);
+  if constexpr (R > 1) b = outer_blocks_of<T, kBytes, NV, 1>(x, ldx, wt, bias, relu, out, N, K, b, end, rows_total);
+}
+
+// Output vectors per row for the outer form, or 0 where the dot form serves
+// better: from half a vector of outputs on, while two rows of accumulators fit
+// the register file (and the kernel's 8-vector limit).
+inline int64_t outer_vectors(int64_t N, int64_t lanes, int vector_bytes) {
+  const int64_t nv = (N + lanes - 1) / lanes;
+  const bool fits = 2 * N >= lanes && nv <= std::min<int64_t>(accumulator_budget(vector_bytes) / 2, 8);
+  return fits ? nv : 0;
+}
+
+// out[b, 0:N] = act(x[b, :] @ w.T + bias) for rows [begin, end). `wt` is the
+// packed weights for the outer form (nv vectors per row) or null for the dot form.
+template <typename T, int kBytes>
+FASTMLP_ALWAYS_INLINE void narrow_forward_rows_impl(const T* x, int64_t ldx, const T* w, int64_t ldw, const T* wt,
+                                                    int64_t nv, const T* bias, bool relu, T* out, int64_t N,
+                                                    int64_t K, int64_t begin, int64_t end, int64_t rows_total) {
+  switch (nv) {
+#define FASTMLP_OUTER_CASE(V) \
+  case V: return outer_rows<T, kBytes, V>(x, ldx, wt, bias, relu, out, N, K, begin, end, rows_total);
+    FASTMLP_OUTER_CASE(1)
+    FASTMLP_OUTER_CASE(2)
+    FASTMLP_OUTER_CASE(3)
+    FASTMLP_OUTER_CASE(4)
+    FASTMLP_OUTER_CASE(5)
+    FASTMLP_OUTER_CASE(6)
+    FASTMLP_OUTER_CASE(7)
+    FASTMLP_OUTER_CASE(8)
+#undef FASTMLP_OUTER_CASE
+    default: return dot_forward_rows<T, kBytes>(x, ldx, w, ldw, bias, relu, out, N, K, begin, end);
+  }
+}
+FASTMLP_ISA_ENTRY(narrow_forward_rows, narrow_forward_rows_impl)
+
+// ---- weight gradient ----------------------------------------------------------
+
+// dW[n0 + r, k0 : k0 + NV lanes] (+)= sum_b g[b, n0 + r] * x[b, k0 : ...]: R
+// gradient columns broadcast against NV vectors of input features, summed over
+// the batch in order. With `prefetch`, the same columns of the next
+// kWeightGradRows rows are fetched while this chunk is summed.
+template <typename T, int kBytes, int NV, int R>
+FASTMLP_ALWAYS_INLINE void weight_grad_block(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t K,
+                                             int64_t B, int64_t n0, int64_t k0, bool accumulate,
+                                             int64_t prefetch_rows) {
+  using S = Simd<T, kBytes>;
+  using V = typename S::Vec;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? S::load(dw + (n0 + r) * K + k0 + j * S::kLanes) : V{};
   for (int64_t b = 0; b < B; ++b) {
+    if (b < prefetch_rows) {
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(x + (b + B) * ldx + k0 + j * S::kLanes);
+    }
     V xv[NV];
-    for (int j = 0; j < NV; ++j) xv[j] = load_vec<T, V>(x + b * ldx + k0 + j * kLanes);
+    for (int j = 0; j < NV; ++j) xv[j] = S::load(x + b * ldx + k0 + j * S::kLanes);
     for (int r = 0; r < R; ++r) {
       const T gv = g[b * ldg + n0 + r];
       for (int j = 0; j < NV; ++j) acc[r][j] += xv[j] * gv;
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) std::memcpy(dw + (n0 + r) * K + k0 + j * kLanes, &acc[r][j], sizeof(V));
+    for (int j = 0; j < NV; ++j) S::store(dw + (n0 + r) * K + k0 + j * S::kLanes, acc[r][j]);
+}
+
+// Every gradient row n of dW for NV vectors of features at k0: groups of kRows,
+// then one group of the remaining rows.
+template <typename T, int kBytes, int NV>
+FASTMLP_ALWAYS_INLINE void weight_grad_columns(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t N,
+                                               int64_t K, int64_t B, int64_t k0, bool accumulate,
+                                               int64_t prefetch_rows) {
+  constexpr int kRows = std::min(6, Simd<T, kBytes>::kAccumulators / NV);
+  int64_t n0 = 0;
+  for (; n0 + kRows <= N; n0 += kRows) {
+    weight_grad_block<T, kBytes, NV, kRows>(x, ldx, g, ldg, dw, K, B, n0, k0, accumulate, n0 == 0 ? prefetch_rows : 0);
+  }
+  const int64_t pf = n0 == 0 ? prefetch_rows : 0;
+  switch (N - n0) {
+#define FASTMLP_GRAD_REST(REST) \
+  case REST:                    \
+    if constexpr (REST < kRows) weight_grad_block<T, kBytes, NV, REST>(x, ldx, g, ldg, dw, K, B, n0, k0, accumulate, pf); \
+    break;
+    FASTMLP_GRAD_REST(1)
+    FASTMLP_GRAD_REST(2)
+    FASTMLP_GRAD_REST(3)
+    FASTMLP_GRAD_REST(4)
+    FASTMLP_GRAD_REST(5)
+#undef FASTMLP_GRAD_REST
+    default: break;
+  }
 }
 
 // The columns k0 .. k_end of dW that do not fill a vector: plain sums over b.
 template <typename T>
-FASTMLP_ALWAYS_INLINE void weight_grad_tail(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t K,
-                                            int64_t B, int64_t n, int64_t k0, int64_t k_end, bool accumulate) {
-  for (int64_t k = k0; k < k_end; ++k) {
-    T sum = accumulate ? dw[n * K + k] : T(0);
-    for (int64_t b = 0; b < B; ++b) sum += g[b * ldg + n] * x[b * ldx + k];
-    dw[n * K + k] = sum;
-  }
-}
-
-template <typename T, int R>
-FASTMLP_ALWAYS_INLINE void weight_grad_rows(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t K,
-                                            int64_t B, int64_t n0, int64_t k0, int64_t k_end, bool accumulate) {
-  constexpr int kLanes = static_cast<int>(sizeof(typename Vec64<T>::type) / sizeof(T));
-  for (; k0 + 4 * kLanes <= k_end; k0 += 4 * kLanes)
-    weight_grad_block<T, 4, R>(x, ldx, g, ldg, dw, K, B, n0, k0, accumulate);
-  for (; k0 + kLanes <= k_end; k0 += kLanes) weight_grad_block<T, 1, R>(x, ldx, g, ldg, dw, K, B, n0, k0, accumulate);
-  for (int r = 0; r < R; ++r) weight_grad_tail<T>(x, ldx, g, ldg, dw, K, B, n0 + r, k0, k_end, accumulate);
+FASTMLP_ALWAYS_INLINE void weight_grad_tail(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw, int64_t N,
+                                            int64_t K, int64_t B, int64_t k0, int64_t k_end, bool accumulate) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = k0; k < k_end; ++k) {
+      T sum = accumulate ? dw[n * K + k] : T(0);
+      for (int64_t b = 0; b < B; ++b) sum += g[b * ldg + n] * x[b * ldx + k];
+      dw[n * K + k] = sum;
+    }
 }
 
 // dW[:, k] for the column blocks [kb_begin, kb_end) of kWeightGradCols
 // features. The batch is walked in chunks of kWeightGradRows rows, so a chunk of
-// x (32 KB for floats) stays in L1 while every group of gradient columns uses
-// it; each chunk adds onto dW in batch order (the same order for any thread count).
+// x (32 KB for floats) stays in L1 while every group of gradient rows uses it;
+// each chunk adds onto dW in batch order (the same order for any thread count).
 constexpr int64_t kWeightGradCols = 64;
 constexpr int64_t kWeightGradRows = 128;
 
-template <typename T>
-FASTMLP_CPU_CLONES void narrow_weight_grad_blocks(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw,
-                                                  int64_t N, int64_t K, int64_t B, int64_t kb_begin,
-                                                  int64_t kb_end) {
+template <typename T, int kBytes>
+FASTMLP_ALWAYS_INLINE void narrow_weight_grad_blocks_impl(const T* x, int64_t ldx, const T* g, int64_t ldg, T* dw,
+                                                          int64_t N, int64_t K, int64_t B, int64_t kb_begin,
+                                                          int64_t kb_end) {
+  constexpr int64_t kLanes = Simd<T, kBytes>::kLanes;
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-    const int64_t k0 = kb * kWeightGradCols, k_end = std::min(K, k0 + kWeightGradCols);
+    const int64_t k_begin = kb * kWeightGradCols, k_end = std::min(K, k_begin + kWeightGradCols);
     for (int64_t b0 = 0; b0 == 0 || b0 < B; b0 += kWeightGradRows) {  // once even for B == 0: writes zeros
       const int64_t rows = std::min(kWeightGradRows, B - b0);
+      const int64_t ahead = std::clamp<int64_t>(B - b0 - rows, 0, kWeightGradRows);
       const T* xb = x + b0 * ldx;
       const T* gb = g + b0 * ldg;
       const bool accumulate = b0 > 0;
-      int64_t n0 = 0;
-      for (; n0 + 4 <= N; n0 += 4) weight_grad_rows<T, 4>(xb, ldx, gb, ldg, dw, K, rows, n0, k0, k_end, accumulate);
-      for (; n0 < N; ++n0) weight_grad_rows<T, 1>(xb, ldx, gb, ldg, dw, K, rows, n0, k0, k_end, accumulate);
+      int64_t k0 = k_begin;
+      for (; k0 + 4 * kLanes <= k_end; k0 += 4 * kLanes)
+        weight_grad_columns<T, kBytes, 4>(xb, ldx, gb, ldg, dw, N, K, rows, k0, accumulate, ahead);
+      for (; k0 + kLanes <= k_end; k0 += kLanes)
+        weight_grad_columns<T, kBytes, 1>(xb, ldx, gb, ldg, dw, N, K, rows, k0, accumulate, ahead);
+      weight_grad_tail<T>(xb, ldx, gb, ldg, dw, N, K, rows, k0, k_end, accumulate);
     }
   }
 }
+FASTMLP_ISA_ENTRY(narrow_weight_grad_blocks, narrow_weight_grad_blocks_impl)
+
+// ---- entry points ---------------------------------------------------------------
 
 // Whether a layer takes the narrow path: a narrow output, float/double, and an
 // input with unit stride along features.
@@ -182,18 +308,47 @@ inline bool narrow_eligible(const at::Tensor& x, int64_t out_features, int64_t m
   return out_features <= max_features && (st == at::kFloat || st == at::kDouble) && x.stride(1) == 1 && x.size(0) > 0;
 }
 
+// wt[k, n] = w[n, k] for a contiguous w [N, K]; columns N .. width of wt are zeros.
+template <typename T> void pack_transposed(const T* w, int64_t N, int64_t K, int64_t width, T* wt) {
+  for (int64_t k = 0; k < K; ++k) {
+    T* row = wt + k * width;
+    for (int64_t n = 0; n < N; ++n) row[n] = w[n * K + k];
+    for (int64_t n = N; n < width; ++n) row[n] = T(0);
+  }
+}
+
 template <typename T>
-void narrow_forward(const at::Tensor& x, const at::Tensor& w_in, const T* bias, bool relu, at::Tensor& out) {
-  const at::Tensor w = w_in.stride(1) == 1 ? w_in : w_in.contiguous();
+void narrow_forward(const at::Tensor& x, const at::Tensor& w, const T* bias, bool relu, at::Tensor& out) {
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  const int bytes = vector_bytes();
+  const int64_t lanes = bytes / static_cast<int64_t>(sizeof(T));
+  const int64_t nv = B >= kOuterMinRows ? outer_vectors(N, lanes, bytes) : 0;
+  const at::Tensor wc = w.contiguous();
   const T* xp = x.const_data_ptr<T>();
-  const T* wp = w.const_data_ptr<T>();
+  const T* wp = wc.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
-  // At least kMinTaskMacs multiply-adds per task: waking a second thread costs
+  // Tasks of whole row blocks, so only the batch's last block is a partial one,
+  // and at least kMinTaskMacs multiply-adds each: waking a second thread costs
   // more than a smaller share of work saves (batch 1-8 run inline).
-  const int64_t grain = std::max<int64_t>(4, kMinTaskMacs / std::max<int64_t>(K * N, 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    narrow_forward_rows<T>(xp, x.stride(0), wp, w.stride(0), bias, relu, op, N, K, begin, end);
+  const int64_t block = nv > 0 ? outer_block_rows(bytes, nv) : 4;
+  const int64_t blocks = (B + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(block * K * N, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    // Each worker packs its own copy: reading one packed by another core
+    // costs more than packing (~4 µs for 784 x 30). Kept across calls up to
+    // kKeptPackBytes (allocating ~100 KB costs ~7 µs).
+    thread_local std::vector<T> kept;
+    std::vector<T> once;
+    T* wt = nullptr;
+    if (nv > 0) {
+      const int64_t size = K * nv * lanes;
+      std::vector<T>& buffer = size * static_cast<int64_t>(sizeof(T)) <= kKeptPackBytes ? kept : once;
+      buffer.resize(size);
+      wt = buffer.data();
+      pack_transposed<T>(wp, N, K, nv * lanes, wt);
+    }
+    narrow_forward_rows<T>(xp, x.stride(0), wp, wc.stride(0), wt, nv, bias, relu, op, N, K, begin * block,
+                           std::min(B, end * block), B);
   });
 }
 

@@ -1,0 +1,83 @@
+"""The CPU kernels on every vector ISA path and at the batch sizes where they
+change form (the forward's dot and outer-product forms, the weight gradient's
+row groups and column tails, the tiled training step).
+
+Each ISA runs in a child process (``FASTMLP_CPU_ISA`` is read once, at import)
+that checks float64 results against torch and prints any mismatch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import torch_fastmlp
+
+CHECKS = r"""
+import itertools, torch, torch_fastmlp
+ops = torch.ops.fastmlp
+torch.manual_seed(0)
+bad = []
+def close(name, got, want):
+    if not torch.allclose(got, want, rtol=1e-9, atol=1e-9):
+        bad.append(f"{name}: max err {(got - want).abs().max().item():.3g}")
+# out_features around the vector widths (4/8/16 doubles or floats), batches
+# either side of the outer form's threshold and of its row blocks.
+for n, k, b, relu, bias in itertools.product(
+        [1, 3, 7, 8, 9, 16, 17, 30, 33, 64], [5, 16, 30, 131], [3, 255, 256, 301], [True, False], [True, False]):
+    x = torch.randn(b, k, dtype=torch.float64)
+    w = torch.randn(n, k, dtype=torch.float64)
+    bb = torch.randn(n, dtype=torch.float64) if bias else None
+    ref = torch.nn.functional.linear(x, w, bb)
+    ref = ref.relu() if relu else ref
+    close(f"forward n={n} k={k} b={b} relu={relu} bias={bias}", ops.linear_act(x, w, bb, relu), ref)
+    g = torch.randn(b, n, dtype=torch.float64)
+    masked = g * (ref > 0) if relu else g
+    gi, gw, gb = ops.linear_act_backward(g, x, w, ref, relu, [True, True, bias])
+    close(f"grad_weight n={n} k={k} b={b}", gw, masked.t() @ x)
+    close(f"grad_input n={n} k={k} b={b}", gi, masked @ w)
+# a transposed (non-contiguous) weight and a strided input
+x = torch.randn(300, 40, dtype=torch.float64)[:, ::2]
+w = torch.randn(20, 24, dtype=torch.float64).t()
+close("strided forward", ops.linear_act(x, w, None, True), (x @ w.t()).relu())
+# float32: the same paths against a float64 reference, and 1 vs 2 threads bitwise
+for b in (255, 256, 1500):
+    x = torch.randn(b, 784)
+    w = torch.randn(30, 784) * 0.05
+    bb = torch.randn(30)
+    torch.set_num_threads(1)
+    one = ops.linear_act(x, w, bb, True)
+    torch.set_num_threads(2)
+    two = ops.linear_act(x, w, bb, True)
+    if not torch.equal(one, two):
+        bad.append(f"float32 forward b={b}: 1 and 2 threads differ")
+    ref = torch.nn.functional.linear(x.double(), w.double(), bb.double()).relu().float()
+    if not torch.allclose(one, ref, rtol=1e-5, atol=1e-5):
+        bad.append(f"float32 forward b={b}: max err {(one - ref).abs().max().item():.3g}")
+print("ISA", torch_fastmlp.CPU_ISA)
+print("\n".join(bad) if bad else "OK")
+"""
+
+
+def _isas() -> list[str]:
+    order = ["avx512", "avx2", "baseline"]
+    return order[order.index(torch_fastmlp.CPU_ISA) :]
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_kernels_on_every_isa(isa: str) -> None:
+    env = dict(os.environ, FASTMLP_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", CHECKS], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == f"ISA {isa}", lines
+    assert lines[1:] == ["OK"], "\n".join(lines[1:40])
+
+
+def test_unknown_isa_name_keeps_the_detected_one() -> None:
+    env = dict(os.environ, FASTMLP_CPU_ISA="sse9")
+    code = "import torch_fastmlp; print(torch_fastmlp.CPU_ISA)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.strip() == torch_fastmlp.CPU_ISA
