@@ -112,6 +112,7 @@ def build_extension():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs (C++20)
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros: list[tuple[str, str | None]] = []

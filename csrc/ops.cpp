@@ -72,4 +72,17 @@ TORCH_LIBRARY(fastmlp, m) {
       "mlp_bce_step(Tensor input, Tensor target, Tensor[] weights, Tensor?[] biases, bool last_relu, "
       "Tensor? weight, Tensor? pos_weight, int reduction, bool input_grad, bool[] weight_mask, bool[] bias_mask) "
       "-> (Tensor loss, Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
+
+  // Differentiable ops with their autograd in C++ (csrc/autograd/): what the
+  // modules call, so a small batch pays one op call forward and no Python in
+  // backward. Each has the same math as the Python Function named with it.
+  // A Linear(+ReLU) chain (torch_fastmlp.MLPFunction): mlp_forward / mlp_backward.
+  m.def("mlp(Tensor input, Tensor[] weights, Tensor?[] biases, bool last_relu) -> Tensor");
+  // BCE with logits (torch_fastmlp.BCEWithLogitsFunction): bce_with_logits and its backward.
+  m.def("bce_loss(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  // The reduced loss of an MLP classifier (torch_fastmlp.MLPBCEFunction): its
+  // forward runs mlp_bce_step, its backward scales the stored gradients.
+  m.def(
+      "mlp_bce_loss(Tensor input, Tensor target, Tensor[] weights, Tensor?[] biases, bool last_relu, "
+      "Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
 }

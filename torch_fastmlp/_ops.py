@@ -131,3 +131,19 @@ def _mlp_bce_step_fake(
         input.new_empty((w.shape[0],)) if m else _empty(input) for w, m in zip(weights, bias_mask, strict=True)
     ]
     return input.new_empty(()), grad_input, grad_weights, grad_biases
+
+
+@torch.library.register_fake("fastmlp::mlp_bce_loss")
+def _mlp_bce_loss_fake(input, target, weights, biases, last_relu, weight, pos_weight, reduction):
+    _same_device(input, target=target, weights=weights, biases=biases, weight=weight, pos_weight=pos_weight)
+    return input.new_empty(())
+
+
+@torch.library.register_fake("fastmlp::mlp")
+def _mlp_fake(input, weights, biases, last_relu):
+    return _mlp_forward_fake(input, weights, biases, last_relu)[0]
+
+
+@torch.library.register_fake("fastmlp::bce_loss")
+def _bce_loss_fake(input, target, weight, pos_weight, reduction):
+    return _bce_fake(input, target, weight, pos_weight, reduction, False)[0]

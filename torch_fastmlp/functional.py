@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.nn import _reduction
 
-from ._ops import check_device
-from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction
+from ._ops import check_device, ops
+from .autograd import LinearFunction, LinearReLUFunction
 
 __all__ = ["binary_cross_entropy_with_logits", "linear", "linear_relu"]
 
@@ -81,7 +81,9 @@ def binary_cross_entropy_with_logits(
 ) -> torch.Tensor:
     """Same signature, defaults, errors and results as
     :func:`torch.nn.functional.binary_cross_entropy_with_logits`, computed by the
-    fused kernels (the loss and its input gradient in one pass)."""
+    fused kernels (the loss and its input gradient in one pass; the op
+    ``fastmlp::bce_loss``, whose autograd is in C++: the same math as
+    :class:`torch_fastmlp.BCEWithLogitsFunction` at a lower cost per call)."""
     if (
         weight is None
         and pos_weight is None
@@ -97,7 +99,7 @@ def binary_cross_entropy_with_logits(
         # The everyday call (no weights, same dtype and shape): the checks below
         # would all pass; a small batch would pay for them more than for the loss.
         check_device(input, target)
-        return BCEWithLogitsFunction.apply(input, target, None, None, _reduction.get_enum(reduction))
+        return ops.bce_loss(input, target, None, None, _reduction.get_enum(reduction))
     fn = "binary_cross_entropy_with_logits"
     _check_tensor(input, "input", fn)
     _check_tensor(target, "target", fn)
@@ -125,7 +127,7 @@ def binary_cross_entropy_with_logits(
             input, target, weight, reduction=reduction, pos_weight=pos_weight
         )
     empty = input.numel() == 0  # weights are irrelevant (and may not broadcast to a 0-size shape)
-    return BCEWithLogitsFunction.apply(
+    return ops.bce_loss(
         input,
         target,
         None if empty else _pattern(weight, input.shape, "weight"),

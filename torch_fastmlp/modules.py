@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from . import functional as F
-from ._ops import device_supported
-from .autograd import MLPBCEFunction, MLPFunction
+from ._ops import device_supported, ops
+from .autograd import _flatten, _unflatten
 
 __all__ = ["BCEWithLogitsLoss", "FusedBCEClassifier", "FusedLinearReLU", "MLP", "Sequential", "fuse"]
 
@@ -77,11 +77,10 @@ class _Chain:
         self.modules = modules  # every module the chain replaces, ReLUs included
         self.in_features = linears[0].in_features
 
-    def params(self) -> list[torch.Tensor | None]:
-        out: list[torch.Tensor | None] = []
-        for lin in self.linears:
-            out += [lin.weight, lin.bias]
-        return out
+    def params(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The layers' current weights and biases (read on every call: a
+        parameter may have been replaced since the chain was planned)."""
+        return [lin.weight for lin in self.linears], [lin.bias for lin in self.linears]
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -130,13 +129,15 @@ def _has_hooks(modules: Iterable[nn.Module]) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
-def _chain_fusable(chain: _Chain, params: list[torch.Tensor | None], input: object) -> bool:
+def _chain_fusable(
+    chain: _Chain, weights: list[torch.Tensor], biases: list[torch.Tensor | None], input: object
+) -> bool:
     """Whether the fused op can run this chain on ``input`` exactly as the
     modules would. Kept cheap: it runs on every forward."""
     if not isinstance(input, torch.Tensor) or input.dim() == 0 or input.shape[-1] != chain.in_features:
         return False
     dtype, device = input.dtype, input.device
-    for p in params:
+    for p in (*weights, *biases):
         if p is not None and (p.dtype != dtype or p.device != device):
             return False
     return not _has_hooks(chain.modules) and _fast_path_ok(input)
@@ -179,9 +180,10 @@ class Sequential(nn.Sequential):
 
     @staticmethod
     def _run_chain(chain: _Chain, input: torch.Tensor) -> torch.Tensor:
-        params = chain.params()
-        if _chain_fusable(chain, params, input):
-            return MLPFunction.apply(input, chain.last_relu, *params)
+        weights, biases = chain.params()
+        if _chain_fusable(chain, weights, biases, input):
+            # fastmlp::mlp has its autograd in C++ (the math of MLPFunction).
+            return _unflatten(ops.mlp(_flatten(input), weights, biases, chain.last_relu), input.shape)
         for m in chain.modules:
             input = m(input)
         return input
@@ -273,7 +275,9 @@ class FusedBCEClassifier(nn.Module):
         """The logits ``model(input)``."""
         return self.model(input)
 
-    def _fused_chain(self, input: object, target: object) -> tuple[_Chain, list[torch.Tensor | None]] | None:
+    def _fused_chain(
+        self, input: object, target: object
+    ) -> tuple[_Chain, list[torch.Tensor], list[torch.Tensor | None]] | None:
         model = self.model
         if not isinstance(model, nn.Sequential) or model._forward_hooks or model._forward_pre_hooks:
             return None
@@ -281,8 +285,8 @@ class FusedBCEClassifier(nn.Module):
         if len(plan) != 1 or not isinstance(plan[0], _Chain):
             return None
         chain = plan[0]
-        params = chain.params()
-        if not _chain_fusable(chain, params, input) or not isinstance(target, torch.Tensor):
+        weights, biases = chain.params()
+        if not _chain_fusable(chain, weights, biases, input) or not isinstance(target, torch.Tensor):
             return None
         out_features = chain.linears[-1].out_features
         if target.requires_grad or target.dtype != input.dtype or target.device != input.device:
@@ -294,7 +298,7 @@ class FusedBCEClassifier(nn.Module):
                 return None
         if tuple(target.shape) != (*input.shape[:-1], out_features):
             return None
-        return chain, params
+        return chain, weights, biases
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         fused = self._fused_chain(input, target)
@@ -302,15 +306,18 @@ class FusedBCEClassifier(nn.Module):
             return F.binary_cross_entropy_with_logits(
                 self.model(input), target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
             )
-        chain, params = fused
-        return MLPBCEFunction.apply(
-            input,
-            target,
+        chain, weights, biases = fused
+        input_2d = _flatten(input)
+        # fastmlp::mlp_bce_loss has its autograd in C++ (the math of MLPBCEFunction).
+        return ops.mlp_bce_loss(
+            input_2d,
+            target.reshape(input_2d.shape[0], -1),
+            weights,
+            biases,
             chain.last_relu,
             F._pattern(self.weight, target.shape, "weight"),
             F._pattern(self.pos_weight, target.shape, "pos_weight"),
             1 if self.reduction == "mean" else 2,
-            *params,
         )
 
 

@@ -1,0 +1,84 @@
+// Shared pieces of the C++ autograd kernels (csrc/autograd/*.cpp): they give
+// the fused ops their gradients without a Python autograd.Function, so a small
+// batch pays no Python in backward and one op call in forward.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <optional>
+#include <vector>
+
+namespace fastmlp::autograd {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+
+// Same error as the Python Functions' backward: create_graph=True would need
+// gradients of gradients, which the fused kernels do not give.
+inline void check_first_order() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "torch_fastmlp: double backward (create_graph=True) is not supported by the fused kernels; "
+              "use the torch.nn modules for higher-order gradients");
+}
+
+// Whether an incoming loss gradient is exactly 1 (`loss.backward()`), so
+// gradients computed in forward are the answer as they are. Read only from a
+// real CPU scalar: no device sync, and nothing data-dependent while tracing.
+inline bool is_unit_seed(const at::Tensor& grad) {
+  return !grad.key_set().has(c10::DispatchKey::Python) && grad.device().is_cpu() && grad.dim() == 0 &&
+         grad.item<double>() == 1.0;
+}
+
+// `grad * scale`, or grad itself for a unit scale; undefined when not `wanted`.
+inline at::Tensor scaled(const at::Tensor& grad, const at::Tensor& scale, bool unit, bool wanted) {
+  if (!wanted) return at::Tensor();
+  return unit ? grad : grad * scale;
+}
+
+// Whether autograd has any gradient to compute for these inputs (needs_input_grad
+// is only defined for a node autograd records).
+inline bool any_requires_grad(std::initializer_list<at::Tensor> tensors, at::TensorList a = {},
+                              at::TensorList b = {}) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto& t : tensors)
+    if (t.defined() && t.requires_grad()) return true;
+  for (at::TensorList list : {a, b})
+    for (const auto& t : list)
+      if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+// torch's error for a loss weight that requires grad: BCE has no gradient for it.
+inline void check_not_differentiable(const std::optional<at::Tensor>& t, const char* name) {
+  TORCH_CHECK(!(t.has_value() && t->defined() && t->requires_grad() && at::GradMode::is_enabled()),
+              "The function 'binary_cross_entropy_with_logits' is not differentiable with respect to argument '",
+              name, "'. This input cannot have requires_grad True.");
+}
+
+// A chain's biases as autograd tracks them: the present ones, in layer order
+// (autograd's custom Functions take no undefined tensor), and which layers have one.
+struct Biases {
+  std::vector<at::Tensor> present;
+  c10::List<bool> has;
+
+  explicit Biases(const OptionalTensorList& biases) {
+    for (const auto& entry : biases) {
+      const std::optional<at::Tensor> b = entry;
+      const bool defined = b.has_value() && b->defined();
+      has.push_back(defined);
+      if (defined) present.push_back(*b);
+    }
+  }
+
+  // Back to the op schema's Tensor?[] from the present ones and the flags.
+  static OptionalTensorList expand(at::TensorList present, const c10::List<bool>& has) {
+    OptionalTensorList out;
+    size_t next = 0;
+    for (const bool h : has) out.push_back(h ? std::optional<at::Tensor>(present[next++]) : std::nullopt);
+    return out;
+  }
+};
+
+}  // namespace fastmlp::autograd
