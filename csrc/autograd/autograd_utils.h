@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <vector>
@@ -82,3 +83,17 @@ struct Biases {
 };
 
 }  // namespace fastmlp::autograd
+
+// Registers a differentiable op: `autograd_fn` under the Autograd key, and
+// `plain_fn` (the result without gradients: inference mode, or code below
+// autograd) for every device with kernels.
+#ifdef FASTMLP_WITH_CUDA
+#define FASTMLP_REGISTER_AUTOGRAD_OP(name, autograd_fn, plain_fn)                 \
+  TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) { m.impl(name, &(autograd_fn)); } \
+  TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { m.impl(name, &(plain_fn)); }         \
+  TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) { m.impl(name, &(plain_fn)); }
+#else
+#define FASTMLP_REGISTER_AUTOGRAD_OP(name, autograd_fn, plain_fn)                 \
+  TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) { m.impl(name, &(autograd_fn)); } \
+  TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { m.impl(name, &(plain_fn)); }
+#endif

@@ -2,8 +2,6 @@
 // op. For a reduced loss the input gradient is computed in the forward pass
 // and backward only scales it. The C++ counterpart of
 // torch_fastmlp.BCEWithLogitsFunction, saving the same tensors.
-#include <torch/library.h>
-
 #include "autograd/autograd_utils.h"
 
 namespace fastmlp::autograd {
@@ -85,8 +83,4 @@ at::Tensor bce_loss_autograd(const at::Tensor& input, const at::Tensor& target, 
 }  // namespace
 }  // namespace fastmlp::autograd
 
-TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) { m.impl("bce_loss", &fastmlp::autograd::bce_loss_autograd); }
-TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { m.impl("bce_loss", &fastmlp::autograd::bce_loss_plain); }
-#ifdef FASTMLP_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) { m.impl("bce_loss", &fastmlp::autograd::bce_loss_plain); }
-#endif
+FASTMLP_REGISTER_AUTOGRAD_OP("bce_loss", fastmlp::autograd::bce_loss_autograd, fastmlp::autograd::bce_loss_plain)

@@ -1,8 +1,6 @@
 // fastmlp::mlp: a whole Linear(+ReLU) chain as one differentiable op, forward
 // by fastmlp::mlp_forward and backward by fastmlp::mlp_backward. The C++
 // counterpart of torch_fastmlp.MLPFunction, saving the same tensors.
-#include <torch/library.h>
-
 #include <algorithm>
 
 #include "autograd/autograd_utils.h"
@@ -100,8 +98,4 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, const O
 }  // namespace
 }  // namespace fastmlp::autograd
 
-TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) { m.impl("mlp", &fastmlp::autograd::mlp_autograd); }
-TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { m.impl("mlp", &fastmlp::autograd::mlp_plain); }
-#ifdef FASTMLP_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) { m.impl("mlp", &fastmlp::autograd::mlp_plain); }
-#endif
+FASTMLP_REGISTER_AUTOGRAD_OP("mlp", fastmlp::autograd::mlp_autograd, fastmlp::autograd::mlp_plain)

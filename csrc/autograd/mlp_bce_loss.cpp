@@ -2,8 +2,6 @@
 // op. Forward runs fastmlp::mlp_bce_step, which computes the loss and every
 // gradient asked for in one pass; backward only scales those by the incoming
 // gradient. The C++ counterpart of torch_fastmlp.MLPBCEFunction.
-#include <torch/library.h>
-
 #include "autograd/autograd_utils.h"
 
 namespace fastmlp::autograd {
@@ -104,8 +102,4 @@ at::Tensor mlp_bce_loss_autograd(const at::Tensor& input, const at::Tensor& targ
 }  // namespace
 }  // namespace fastmlp::autograd
 
-TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) { m.impl("mlp_bce_loss", &fastmlp::autograd::mlp_bce_loss_autograd); }
-TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { m.impl("mlp_bce_loss", &fastmlp::autograd::mlp_bce_loss_plain); }
-#ifdef FASTMLP_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) { m.impl("mlp_bce_loss", &fastmlp::autograd::mlp_bce_loss_plain); }
-#endif
+FASTMLP_REGISTER_AUTOGRAD_OP("mlp_bce_loss", fastmlp::autograd::mlp_bce_loss_autograd, fastmlp::autograd::mlp_bce_loss_plain)
