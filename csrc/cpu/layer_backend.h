@@ -60,6 +60,18 @@ inline void linear_act_into(at::Tensor& out, const at::Tensor& x, const at::Tens
   bias_act_(out, bias, relu);
 }
 
+// One row of mask_and_colsum, one loop per case so each vectorises: m = g
+// masked by the ReLU output y (kMask), written (kWrite), summed into acc (kSum).
+template <typename scalar_t, typename opmath_t, bool kMask, bool kWrite, bool kSum>
+inline void mask_row(const scalar_t* g, const scalar_t* y, scalar_t* m, opmath_t* acc, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) {
+    scalar_t v = g[c];
+    if constexpr (kMask) v = fastmlp::relu_passes(y[c]) ? v : scalar_t(0);
+    if constexpr (kWrite) m[c] = v;
+    if constexpr (kSum) acc[c] += static_cast<opmath_t>(v);
+  }
+}
+
 // One pass over grad_output: the ReLU-masked gradient and its column sums (the
 // bias gradient), reduced deterministically in fixed row chunks. Returns
 // (masked gradient, or grad_output itself when there is no mask to apply;
@@ -87,14 +99,16 @@ inline std::tuple<at::Tensor, at::Tensor> mask_and_colsum(const at::Tensor& grad
         opmath_t* acc = pp ? pp + chunk * cols : nullptr;
         const int64_t r_end = std::min(rows, (chunk + 1) * kReduceChunkRows);
         for (int64_t r = chunk * kReduceChunkRows; r < r_end; ++r) {
-          const scalar_t* grow = gp + r * cols;
           const scalar_t* yrow = yp ? yp + r * cols : nullptr;
           scalar_t* mrow = mp ? mp + r * cols : nullptr;
-          for (int64_t c = 0; c < cols; ++c) {
-            scalar_t v = grow[c];
-            if (yrow && !fastmlp::relu_passes(yrow[c])) v = scalar_t(0);
-            if (mrow) mrow[c] = v;
-            if (acc) acc[c] += static_cast<opmath_t>(v);
+          if (yrow && mrow && acc) {
+            mask_row<scalar_t, opmath_t, true, true, true>(gp + r * cols, yrow, mrow, acc, cols);
+          } else if (yrow && mrow) {
+            mask_row<scalar_t, opmath_t, true, true, false>(gp + r * cols, yrow, mrow, acc, cols);
+          } else if (yrow) {
+            mask_row<scalar_t, opmath_t, true, false, true>(gp + r * cols, yrow, mrow, acc, cols);
+          } else {
+            mask_row<scalar_t, opmath_t, false, false, true>(gp + r * cols, yrow, mrow, acc, cols);
           }
         }
       }
