@@ -6,7 +6,7 @@ import torch
 from torch.nn import _reduction
 
 from ._ops import check_device, ops
-from .autograd import LinearFunction, LinearReLUFunction
+from .autograd import _flatten, _unflatten
 
 __all__ = ["binary_cross_entropy_with_logits", "linear", "linear_relu"]
 
@@ -33,13 +33,19 @@ def _kernel_layout(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return weight.dim() == 2 and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
 
 
+def _one_layer(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """One layer as a chain of one: ``fastmlp::mlp``, whose autograd is in C++
+    (the math of :class:`torch_fastmlp.LinearReLUFunction` / ``LinearFunction``)."""
+    return _unflatten(ops.mlp(_flatten(input), [weight], [bias], relu), input.shape)
+
+
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``input @ weight.T + bias`` like :func:`torch.nn.functional.linear`, with the
     bias add fused into the GEMM epilogue. ``input`` is ``[*, in_features]``."""
     _check_linear(input, weight, bias, "linear")
     if not _kernel_layout(weight, bias):
         return torch.nn.functional.linear(input, weight, bias)
-    return LinearFunction.apply(input, weight, bias)
+    return _one_layer(input, weight, bias, relu=False)
 
 
 def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,7 +53,7 @@ def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _check_linear(input, weight, bias, "linear_relu")
     if not _kernel_layout(weight, bias):
         return torch.relu(torch.nn.functional.linear(input, weight, bias))
-    return LinearReLUFunction.apply(input, weight, bias)
+    return _one_layer(input, weight, bias, relu=True)
 
 
 def _pattern(t: torch.Tensor | None, shape: torch.Size, name: str) -> torch.Tensor | None:
