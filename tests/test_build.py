@@ -81,7 +81,10 @@ def test_info_runs() -> None:
 
 
 class _FakeCudaTensor:
+    """What check_device reads of a CUDA tensor."""
+
     device = torch.device("cuda", 0)
+    is_cpu = False
 
 
 def test_cuda_tensor_on_cpu_only_build(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,6 +107,7 @@ def test_check_device_with_cuda_build(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unsupported_device_message() -> None:
     class Fake:
         device = torch.device("xpu")
+        is_cpu = False
 
     with pytest.raises(RuntimeError, match="no kernels for device"):
         _ops.check_device(Fake())  # type: ignore[arg-type]

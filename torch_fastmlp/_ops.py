@@ -25,7 +25,7 @@ CPU_ISA: str = _C.cpu_isa
 def check_device(*tensors: torch.Tensor | None) -> None:
     """Raise a clear error for a device this build has no kernels for."""
     for t in tensors:
-        if t is None:
+        if t is None or t.is_cpu:
             continue
         kind = t.device.type
         if kind == "cuda" and not WITH_CUDA:

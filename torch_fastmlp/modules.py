@@ -27,6 +27,8 @@ def _fast_path_ok(input: object) -> bool:
         return False
     if torch._C._are_functorch_transforms_active():
         return False  # torch.func (grad, vmap, ...) runs the torch.nn code
+    if input.is_cpu:  # the everyday case, without building a torch.device
+        return not torch.is_autocast_enabled("cpu")
     device = input.device
     if not device_supported(device):
         if device.type not in _warned_devices:
@@ -136,20 +138,21 @@ def _chain_fusable(
     modules would. Kept cheap: it runs on every forward."""
     if not isinstance(input, torch.Tensor) or input.dim() == 0 or input.shape[-1] != chain.in_features:
         return False
-    dtype, device = input.dtype, input.device
+    dtype, on_cpu = input.dtype, input.is_cpu
     for p in (*weights, *biases):
-        if p is not None and (p.dtype != dtype or p.device != device):
+        # dtypes are singletons; devices are compared in full only off the CPU.
+        if p is not None and (p.dtype is not dtype or p.is_cpu != on_cpu or (not on_cpu and p.device != input.device)):
             return False
     return not _has_hooks(chain.modules) and _fast_path_ok(input)
 
 
 def _cached_plan(seq: nn.Sequential) -> list[_Chain | nn.Module]:
     """The plan of ``seq``, rebuilt only when its list of modules changed."""
-    modules = list(seq._modules.values())
-    key = tuple(map(id, modules))
+    modules = tuple(seq._modules.values())
     cached = seq.__dict__.get("_fastmlp_plan")
-    if cached is None or cached[0] != key:
-        cached = (key, _plan(modules))
+    # The same module objects in the same order (modules compare by identity).
+    if cached is None or cached[0] != modules:
+        cached = (modules, _plan(list(modules)))
         seq.__dict__["_fastmlp_plan"] = cached
     return cached[1]
 
