@@ -124,6 +124,15 @@ def _plan(modules: Sequence[nn.Module]) -> list[_Chain | nn.Module]:
     return plan
 
 
+def _same_dtype_device(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``t`` has ``ref``'s dtype and device. dtypes are singletons; devices are
+    compared in full only off the CPU (building a torch.device costs more than
+    the rest of the check)."""
+    if t.dtype is not ref.dtype or t.is_cpu != ref.is_cpu:
+        return False
+    return ref.is_cpu or t.device == ref.device
+
+
 def _has_hooks(modules: Iterable[nn.Module]) -> bool:
     """Forward hooks (global or on any of ``modules``) must see the modules run."""
     if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
@@ -138,10 +147,8 @@ def _chain_fusable(
     modules would. Kept cheap: it runs on every forward."""
     if not isinstance(input, torch.Tensor) or input.dim() == 0 or input.shape[-1] != chain.in_features:
         return False
-    dtype, on_cpu = input.dtype, input.is_cpu
     for p in (*weights, *biases):
-        # dtypes are singletons; devices are compared in full only off the CPU.
-        if p is not None and (p.dtype is not dtype or p.is_cpu != on_cpu or (not on_cpu and p.device != input.device)):
+        if p is not None and not _same_dtype_device(p, input):
             return False
     return not _has_hooks(chain.modules) and _fast_path_ok(input)
 
@@ -292,12 +299,13 @@ class FusedBCEClassifier(nn.Module):
         if not _chain_fusable(chain, weights, biases, input) or not isinstance(target, torch.Tensor):
             return None
         out_features = chain.linears[-1].out_features
-        if target.requires_grad or target.dtype != input.dtype or target.device != input.device:
+        if target.requires_grad or not _same_dtype_device(target, input):
             return None  # torch's promotion / target gradient: the unfused path
         if input.numel() == 0 or target.numel() == 0:
             return None
-        for buf in (self.weight, self.pos_weight):
-            if buf is not None and (buf.dtype != input.dtype or buf.device != input.device):
+        buffers = self._buffers
+        for buf in (buffers["weight"], buffers["pos_weight"]):
+            if buf is not None and not _same_dtype_device(buf, input):
                 return None
         if tuple(target.shape) != (*input.shape[:-1], out_features):
             return None
@@ -311,6 +319,7 @@ class FusedBCEClassifier(nn.Module):
             )
         chain, weights, biases = fused
         input_2d = _flatten(input)
+        buffers = self._buffers
         # fastmlp::mlp_bce_loss has its autograd in C++ (the math of MLPBCEFunction).
         return ops.mlp_bce_loss(
             input_2d,
@@ -318,8 +327,8 @@ class FusedBCEClassifier(nn.Module):
             weights,
             biases,
             chain.last_relu,
-            F._pattern(self.weight, target.shape, "weight"),
-            F._pattern(self.pos_weight, target.shape, "pos_weight"),
+            F._pattern(buffers["weight"], target.shape, "weight"),
+            F._pattern(buffers["pos_weight"], target.shape, "pos_weight"),
             1 if self.reduction == "mean" else 2,
         )
 
