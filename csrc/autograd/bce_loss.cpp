@@ -83,4 +83,5 @@ at::Tensor bce_loss_autograd(const at::Tensor& input, const at::Tensor& target, 
 }  // namespace
 }  // namespace fastmlp::autograd
 
-FASTMLP_REGISTER_AUTOGRAD_OP("bce_loss", fastmlp::autograd::bce_loss_autograd, fastmlp::autograd::bce_loss_plain)
+FASTMLP_REGISTER_AUTOGRAD_OP("bce_loss", fastmlp::autograd::bce_loss_autograd,
+                             fastmlp::autograd::bce_loss_plain)

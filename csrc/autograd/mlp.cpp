@@ -65,10 +65,10 @@ struct MLPFunction : public torch::autograd::Function<MLPFunction> {
     const at::Tensor& grad_output = grad_outputs[0];
     // The input is only read for the first weight gradient; otherwise a
     // stand-in of its shape that allocates nothing.
-    const at::Tensor input = saved[0].defined()
-                                 ? saved[0]
-                                 : at::zeros({}, grad_output.options()).expand_symint(
-                                       {ctx->saved_data["batch"].toSymInt(), ctx->saved_data["in_features"].toSymInt()});
+    const c10::SymInt batch = ctx->saved_data["batch"].toSymInt();
+    const c10::SymInt in_features = ctx->saved_data["in_features"].toSymInt();
+    const at::Tensor input =
+        saved[0].defined() ? saved[0] : at::zeros({}, grad_output.options()).expand_symint({batch, in_features});
     const std::optional<at::Tensor> output = last_relu ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     static const auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("fastmlp::mlp_backward", "").typed<BackwardSignature>();
@@ -98,4 +98,5 @@ at::Tensor mlp_autograd(const at::Tensor& input, at::TensorList weights, const O
 }  // namespace
 }  // namespace fastmlp::autograd
 
-FASTMLP_REGISTER_AUTOGRAD_OP("mlp", fastmlp::autograd::mlp_autograd, fastmlp::autograd::mlp_plain)
+FASTMLP_REGISTER_AUTOGRAD_OP("mlp", fastmlp::autograd::mlp_autograd,
+                             fastmlp::autograd::mlp_plain)

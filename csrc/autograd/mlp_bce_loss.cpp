@@ -95,11 +95,12 @@ at::Tensor mlp_bce_loss_autograd(const at::Tensor& input, const at::Tensor& targ
   if (!any_requires_grad({input, target}, weights, b.present)) {
     return mlp_bce_loss_plain(input, target, weights, biases, last_relu, weight, pos_weight, reduction);
   }
-  return MLPBCEFunction::apply(input, target, weights, at::TensorList(b.present), b.has, last_relu, weight, pos_weight,
-                           reduction);
+  return MLPBCEFunction::apply(input, target, weights, at::TensorList(b.present), b.has, last_relu, weight,
+                               pos_weight, reduction);
 }
 
 }  // namespace
 }  // namespace fastmlp::autograd
 
-FASTMLP_REGISTER_AUTOGRAD_OP("mlp_bce_loss", fastmlp::autograd::mlp_bce_loss_autograd, fastmlp::autograd::mlp_bce_loss_plain)
+FASTMLP_REGISTER_AUTOGRAD_OP("mlp_bce_loss", fastmlp::autograd::mlp_bce_loss_autograd,
+                             fastmlp::autograd::mlp_bce_loss_plain)

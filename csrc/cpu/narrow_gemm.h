@@ -237,14 +237,18 @@ FASTMLP_ALWAYS_INLINE void weight_grad_columns(const T* x, int64_t ldx, const T*
                                                int64_t prefetch_rows) {
   constexpr int kRows = std::min(6, Simd<T, kBytes>::kAccumulators / NV);
   int64_t n0 = 0;
+  // The first group prefetches the next chunk's rows for all the others.
   for (; n0 + kRows <= N; n0 += kRows) {
-    weight_grad_block<T, kBytes, NV, kRows>(x, ldx, g, ldg, dw, K, B, n0, k0, accumulate, n0 == 0 ? prefetch_rows : 0);
+    const int64_t pf = n0 == 0 ? prefetch_rows : 0;
+    weight_grad_block<T, kBytes, NV, kRows>(x, ldx, g, ldg, dw, K, B, n0, k0, accumulate, pf);
   }
   const int64_t pf = n0 == 0 ? prefetch_rows : 0;
   switch (N - n0) {
-#define FASTMLP_GRAD_REST(REST) \
-  case REST:                    \
-    if constexpr (REST < kRows) weight_grad_block<T, kBytes, NV, REST>(x, ldx, g, ldg, dw, K, B, n0, k0, accumulate, pf); \
+#define FASTMLP_GRAD_REST(REST)                                                                   \
+  case REST:                                                                                      \
+    if constexpr (REST < kRows) {                                                                 \
+      weight_grad_block<T, kBytes, NV, REST>(x, ldx, g, ldg, dw, K, B, n0, k0, accumulate, pf);  \
+    }                                                                                             \
     break;
     FASTMLP_GRAD_REST(1)
     FASTMLP_GRAD_REST(2)
