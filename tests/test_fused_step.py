@@ -161,3 +161,32 @@ def test_opcheck_and_compile() -> None:
     ref(x, y).backward()
     for p, q in zip(ref.parameters(), clf.parameters(), strict=True):
         assert_close(q.grad, p.grad)
+
+
+@pytest.mark.parametrize("where", ["model_forward", "model_backward", "layer_backward"])
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch's own, for both paths
+def test_hooks_on_the_model_fire(where: str) -> None:
+    """Hooks on the classifier's model or its layers fire as with the model run on its own."""
+    torch.manual_seed(0)
+    model = torch_fastmlp.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 1))
+    ref = copy.deepcopy(model)
+    calls = {"fused": 0, "ref": 0}
+
+    def make(key: str):  # noqa: ANN202
+        def hook(*args: object) -> None:
+            calls[key] += 1
+
+        return hook
+
+    for key, m in (("fused", model), ("ref", ref)):
+        target = m if where.startswith("model") else m[2]
+        if where == "model_forward":
+            target.register_forward_hook(make(key))
+        else:
+            target.register_full_backward_hook(make(key))
+    x, y = torch.randn(6, 8), torch.rand(6, 1)
+    FusedBCEClassifier(model)(x, y).backward()
+    nn.functional.binary_cross_entropy_with_logits(ref(x), y).backward()
+    assert calls["fused"] == calls["ref"] == 1
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close(a.grad, b.grad)

@@ -286,6 +286,51 @@ def test_fused_linear_relu_inside(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hook_kind", ["backward", "backward_pre", "global_backward"])
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch's, for both models
+def test_backward_hooks_fire_and_results_match(device: str, hook_kind: str) -> None:
+    """A backward hook on a layer of a fused chain fires with the same gradients as
+    on nn.Sequential (the chain runs its modules one by one while one is set)."""
+    ref = reference_mlp([6, 5, 4, 3], seed=0, device=device)
+    fused = fused_copy(ref)
+    seen: dict[str, list[torch.Tensor]] = {"ref": [], "fused": []}
+    handles = []
+    for key, model in (("ref", ref), ("fused", fused)):
+
+        def hook(m: nn.Module, grad_in: tuple, grad_out: tuple | None = None, key: str = key) -> None:
+            grads = grad_out if grad_out is not None else grad_in
+            seen[key].append(grads[0].detach().clone())
+
+        if hook_kind == "backward":
+            handles.append(model[2].register_full_backward_hook(hook))
+        elif hook_kind == "backward_pre":
+            handles.append(model[2].register_full_backward_pre_hook(hook))
+    x = torch.randn(7, 6, device=device)
+    if hook_kind == "global_backward":
+        calls: list[str] = []
+
+        def glob(m: nn.Module, grad_in: tuple, grad_out: tuple) -> None:
+            if type(m) is nn.Linear:
+                calls.append("linear")
+
+        handle = nn.modules.module.register_module_full_backward_hook(glob)
+        try:
+            out_f = forward_backward(fused, x)
+            n_fused = len(calls)
+            out_r = forward_backward(ref, x)
+        finally:
+            handle.remove()
+        assert n_fused == len(calls) - n_fused > 0
+    else:
+        out_f = forward_backward(fused, x)
+        out_r = forward_backward(ref, x)
+        assert len(seen["fused"]) == len(seen["ref"]) == 1
+        assert_close(seen["fused"][0], seen["ref"][0])
+    assert_close(out_f, out_r)
+    assert_same_grads(fused, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hook_kind", ["forward", "forward_pre", "global_forward"])
 def test_hooks_fire_and_results_match(device: str, hook_kind: str) -> None:
     ref = reference_mlp([6, 5, 4, 3], seed=0, device=device)

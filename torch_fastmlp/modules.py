@@ -134,10 +134,14 @@ def _same_dtype_device(t: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def _has_hooks(modules: Iterable[nn.Module]) -> bool:
-    """Forward hooks (global or on any of ``modules``) must see the modules run."""
-    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+    """Hooks (global or on any of ``modules``) must see the modules run: forward
+    hooks fire in the module call, and full backward hooks are attached there too."""
+    g = _nn_module
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    if g._global_backward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
 def _chain_fusable(
@@ -172,7 +176,7 @@ class Sequential(nn.Sequential):
     ``append``, ``repr`` and ``state_dict`` keys as ``nn.Sequential``. Other
     modules run as they are between fused chains. A chain falls back to running
     its modules one by one when that is what the user would observe differently:
-    hooks registered on them, autocast, mixed dtypes or devices, or an input the
+    forward or backward hooks registered on them, autocast, mixed dtypes or devices, or an input the
     kernels do not take (torch.nn then raises its own errors)."""
 
     def _get_plan(self) -> list[_Chain | nn.Module]:
@@ -289,7 +293,7 @@ class FusedBCEClassifier(nn.Module):
         self, input: object, target: object
     ) -> tuple[_Chain, list[torch.Tensor], list[torch.Tensor | None]] | None:
         model = self.model
-        if not isinstance(model, nn.Sequential) or model._forward_hooks or model._forward_pre_hooks:
+        if not isinstance(model, nn.Sequential) or _has_hooks((model,)):
             return None
         plan = _cached_plan(model)
         if len(plan) != 1 or not isinstance(plan[0], _Chain):
