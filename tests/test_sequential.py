@@ -743,3 +743,27 @@ def test_double_backward_not_silently_wrong() -> None:
             assert any(s in str(e) for s in ("twice", "once_differentiable", "double backward")), str(e)
             return
     assert_same_grads(fused, ref)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in favour of compile/export
+def test_jit_script_trace_and_export_like_nn() -> None:
+    """What nn.Sequential users can do with TorchScript and torch.export still works,
+    with the same parameters and results (scripting compiles torch.nn's modules)."""
+    torch.manual_seed(0)
+    model = torch_fastmlp.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1))
+    layer = torch_fastmlp.FusedLinearReLU(6, 5)
+    loss = torch_fastmlp.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0]))
+    x, y = torch.randn(4, 6), torch.rand(4, 1)
+    scripted = torch.jit.script(model)
+    assert_close(scripted(x), model(x))
+    assert {k: v.data_ptr() for k, v in scripted.state_dict().items()} == {
+        k: v.data_ptr() for k, v in model.state_dict().items()
+    }
+    assert_close(torch.jit.trace(model, x)(x + 1), model(x + 1))
+    assert_close(torch.jit.script(layer)(x), layer(x))
+    assert_close(torch.jit.trace(layer, x)(x + 1), layer(x + 1))
+    assert_close(torch.jit.script(loss)(model(x), y), loss(model(x), y))
+    mlp = torch_fastmlp.MLP([6, 3, 1])
+    assert_close(torch.jit.script(mlp)(x), mlp(x))
+    exported = torch.export.export(model, (x,))
+    assert_close(exported.module()(x + 1), model(x + 1))

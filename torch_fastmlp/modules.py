@@ -25,8 +25,8 @@ def _fast_path_ok(input: object) -> bool:
     torch.nn's own code (which then also raises torch.nn's own errors)."""
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         return False
-    if torch._C._are_functorch_transforms_active():
-        return False  # torch.func (grad, vmap, ...) runs the torch.nn code
+    if torch._C._are_functorch_transforms_active() or torch._C._is_tracing():
+        return False  # torch.func (grad, vmap, ...) and torch.jit.trace run the torch.nn code
     if input.is_cpu:  # the everyday case, without building a torch.device
         return not torch.is_autocast_enabled("cpu")
     device = input.device
@@ -53,10 +53,20 @@ class FusedLinearReLU(nn.Linear):
             return F.linear_relu(input, self.weight, self.bias)
         return torch.relu(super().forward(input))
 
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """``torch.jit.script`` compiles ``Linear`` + ``ReLU`` sharing these parameters."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return nn.Sequential(linear, nn.ReLU())
+
 
 class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
     """:class:`torch.nn.BCEWithLogitsLoss` computed by the fused kernels: the same
     constructor, buffers (``weight``, ``pos_weight``), ``state_dict`` and results."""
+
+    def __prepare_scriptable__(self) -> nn.BCEWithLogitsLoss:
+        """``torch.jit.script`` compiles torch's own loss with these buffers."""
+        return nn.BCEWithLogitsLoss(self.weight, reduction=self.reduction, pos_weight=self.pos_weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if _fast_path_ok(input):
@@ -186,6 +196,11 @@ class Sequential(nn.Sequential):
         state = super().__getstate__()
         state.pop("_fastmlp_plan", None)  # derived; rebuilt on first forward
         return state
+
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """``torch.jit.script`` compiles the same modules as an ``nn.Sequential``
+        (the fused ops are for eager and ``torch.compile``)."""
+        return nn.Sequential(OrderedDict(self._modules))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         for step in self._get_plan():
