@@ -25,7 +25,7 @@ def _fast_path_ok(input: object) -> bool:
     torch.nn's own code (which then also raises torch.nn's own errors)."""
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         return False
-    if torch._C._are_functorch_transforms_active() or torch._C._is_tracing():
+    if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
         return False  # torch.func (grad, vmap, ...) and torch.jit.trace run the torch.nn code
     if input.is_cpu:  # the everyday case, without building a torch.device
         return not torch.is_autocast_enabled("cpu")
@@ -159,12 +159,12 @@ def _chain_fusable(
 ) -> bool:
     """Whether the fused op can run this chain on ``input`` exactly as the
     modules would. Kept cheap: it runs on every forward."""
-    if not isinstance(input, torch.Tensor) or input.dim() == 0 or input.shape[-1] != chain.in_features:
+    if not _fast_path_ok(input) or input.dim() == 0 or input.shape[-1] != chain.in_features:
         return False
     for p in (*weights, *biases):
         if p is not None and not _same_dtype_device(p, input):
             return False
-    return not _has_hooks(chain.modules) and _fast_path_ok(input)
+    return not _has_hooks(chain.modules)
 
 
 def _cached_plan(seq: nn.Sequential) -> list[_Chain | nn.Module]:
