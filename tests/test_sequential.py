@@ -767,3 +767,15 @@ def test_jit_script_trace_and_export_like_nn() -> None:
     assert_close(torch.jit.script(mlp)(x), mlp(x))
     exported = torch.export.export(model, (x,))
     assert_close(exported.module()(x + 1), model(x + 1))
+
+
+def test_meta_device_modules() -> None:
+    """Modules built on the meta device (shape-only dry runs) run like torch.nn's."""
+    with torch.device("meta"):
+        model = torch_fastmlp.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+        x, y = torch.randn(4, 6), torch.rand(4, 2)
+        out = model(x)
+        loss = torch_fastmlp.BCEWithLogitsLoss()(out, y)
+        fused = torch_fastmlp.FusedBCEClassifier(model)(x, y)
+    assert out.device.type == "meta" and out.shape == (4, 2)
+    assert loss.shape == () and fused.shape == ()

@@ -39,7 +39,8 @@ def _fast_path_ok(input: object) -> bool:
                 stacklevel=3,
             )
         return False
-    return not torch.is_autocast_enabled(device.type)
+    # meta (shapes only) has no autocast state to ask about
+    return device.type == "meta" or not torch.is_autocast_enabled(device.type)
 
 
 class FusedLinearReLU(nn.Linear):
