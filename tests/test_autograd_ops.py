@@ -155,6 +155,49 @@ def test_opcheck(bias: list[bool]) -> None:
     torch.library.opcheck(ops.bce_loss.default, (logits, torch.rand(5, 3), None, None, 1))
 
 
+@pytest.mark.parametrize("frozen_first", [False, True])
+def test_mlp_double_backward_like_eager(frozen_first: bool) -> None:
+    """A gradient penalty through the chain (create_graph=True, then backward
+    through the penalty) gives eager's parameter gradients."""
+    model = _chain("cpu", torch.float64, (6, 5, 4, 1), [True, False, True])
+    if frozen_first:
+        model[0].requires_grad_(False)
+    weights, biases = _params(model)
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=not frozen_first)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def penalised(out: torch.Tensor) -> list[torch.Tensor]:
+        wrt = [x] if x.requires_grad else trainable[:1]
+        grads = torch.autograd.grad(out.square().sum(), wrt, create_graph=True)
+        total = out.mean() + sum(g.pow(2).sum() for g in grads)
+        return list(torch.autograd.grad(total, trainable))
+
+    got = penalised(ops.mlp(x, weights, biases, False))
+    want = penalised(model(x))
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+
+
+def test_mlp_gradgradcheck() -> None:
+    model = _chain("cpu", torch.float64, (4, 3, 2), [True, False])
+    weights, biases = _params(model)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, a, b, c: ops.mlp(x, [a, b], [c, None], True), (x, weights[0], weights[1], biases[0])
+    )
+
+
+def test_mlp_double_backward_without_the_input_is_a_clear_error() -> None:
+    """First weight frozen (input not saved, as eager) but the input's gradient
+    asked for twice: nothing to recompute the first layer from."""
+    model = _chain("cpu", torch.float64, (6, 5, 1), [True, True])
+    model[0].requires_grad_(False)
+    weights, biases = _params(model)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ops.mlp(x, weights, biases, False).sum(), x, create_graph=True)
+
+
 def test_inference_and_no_grad() -> None:
     model = _chain("cpu", torch.float32, (6, 4, 1), [True, True])
     weights, biases = _params(model)
@@ -185,7 +228,6 @@ def test_errors() -> None:
     weights, biases = _params(model)
     x, y = torch.randn(5, 6, requires_grad=True), torch.rand(5, 1)
     for loss in (
-        ops.mlp(x, weights, biases, False).sum(),
         ops.mlp_bce_loss(x, y, weights, biases, False, None, None, 1),
         ops.bce_loss(x, torch.rand(5, 6), None, None, 1),
     ):

@@ -73,6 +73,14 @@ struct Biases {
     }
   }
 
+  // One tensor per layer from the present ones and the flags, undefined where absent.
+  static std::vector<at::Tensor> expand_list(at::TensorList present, const c10::List<bool>& has) {
+    std::vector<at::Tensor> out;
+    size_t next = 0;
+    for (const bool h : has) out.push_back(h ? present[next++] : at::Tensor());
+    return out;
+  }
+
   // Back to the op schema's Tensor?[] from the present ones and the flags.
   static OptionalTensorList expand(at::TensorList present, const c10::List<bool>& has) {
     OptionalTensorList out;
