@@ -148,9 +148,9 @@ def _has_hooks(modules: Iterable[nn.Module]) -> bool:
     """Hooks (global or on any of ``modules``) must see the modules run: forward
     hooks fire in the module call, and full backward hooks are attached there too."""
     g = _nn_module
-    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks:
+    if g._global_forward_hooks or g._global_forward_pre_hooks:
         return True
-    if g._global_backward_pre_hooks:
+    if g._global_backward_hooks or g._global_backward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
@@ -187,8 +187,9 @@ class Sequential(nn.Sequential):
     ``append``, ``repr`` and ``state_dict`` keys as ``nn.Sequential``. Other
     modules run as they are between fused chains. A chain falls back to running
     its modules one by one when that is what the user would observe differently:
-    forward or backward hooks registered on them, autocast, mixed dtypes or devices, or an input the
-    kernels do not take (torch.nn then raises its own errors)."""
+    forward or backward hooks registered on them, autocast, mixed dtypes or
+    devices, or an input the kernels do not take (torch.nn then raises its own
+    errors)."""
 
     def _get_plan(self) -> list[_Chain | nn.Module]:
         return _cached_plan(self)

@@ -84,8 +84,9 @@ struct Biases {
   // Back to the op schema's Tensor?[] from the present ones and the flags.
   static OptionalTensorList expand(at::TensorList present, const c10::List<bool>& has) {
     OptionalTensorList out;
-    size_t next = 0;
-    for (const bool h : has) out.push_back(h ? std::optional<at::Tensor>(present[next++]) : std::nullopt);
+    for (const at::Tensor& b : expand_list(present, has)) {
+      out.push_back(b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+    }
     return out;
   }
 };
