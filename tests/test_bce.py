@@ -430,3 +430,26 @@ def test_every_combination_is_parametrized() -> None:
     """Guard: the parametrization above covers every weight/pos_weight/reduction combination."""
     assert len(list(itertools.product(WEIGHTS, POS_WEIGHTS, REDUCTIONS))) == 36
     assert torch_fastmlp.BCEWithLogitsLoss is BCEWithLogitsLoss
+
+
+@pytest.mark.parametrize("shape", [(1000, 7), (37, 3, 5), (2050, 1)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_vectorised_float_patterns(shape: tuple[int, ...], reduction: str) -> None:
+    """float32 weight / pos_weight patterns of periods that do not divide the
+    16-lane vectors, over chunk boundaries, against torch in float64."""
+    x = (torch.randn(shape) * 5).requires_grad_()
+    y = torch.rand(shape)
+    pos_weight = torch.rand(shape[-1]) + 0.5
+    weight = torch.rand(shape[0], *([1] * (len(shape) - 1)))
+    got = torch_fastmlp.functional.binary_cross_entropy_with_logits(
+        x, y, weight, reduction=reduction, pos_weight=pos_weight
+    )
+    xd = x.detach().double().requires_grad_()
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        xd, y.double(), weight.double(), reduction=reduction, pos_weight=pos_weight.double()
+    )
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    g = torch.rand_like(want)
+    (gx,) = torch.autograd.grad(got, x, g.float())
+    (gxd,) = torch.autograd.grad(want, xd, g)
+    torch.testing.assert_close(gx.double(), gxd, rtol=1e-5, atol=1e-6)

@@ -39,33 +39,65 @@ template <typename scalar_t> inline scalar_t* ptr_or_null(at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
-// The loss terms of float elements [begin, end) with scalar weight and
-// pos_weight, 16 lanes at a time (vec_math.h), the tail in scalar code. Writes
+// A float weight / pos_weight pattern read 16 elements at a time: `ext` holds
+// the pattern followed by its first 16 values again, so the 16 values from any
+// offset are contiguous; the offset walks the pattern as the input advances.
+struct VecPattern {
+  const float* ext = nullptr;  // nullptr: all ones
+  int64_t period = 1;
+
+  int64_t offset(int64_t i) const { return ext ? i % period : 0; }
+  int64_t advance(int64_t o) const {
+    if (!ext) return 0;
+    o += 16;
+    return o < period ? o : o % period;
+  }
+  vec::f32x16 at(int64_t o) const { return ext ? vec::load(ext + o) : vec::splat(1.0f); }
+  float scalar(int64_t i) const { return ext ? ext[i % period] : 1.0f; }
+};
+
+// `t`'s pattern extended for VecPattern (held by `storage`).
+inline VecPattern vec_pattern(const at::Tensor& t, std::vector<float>& storage) {
+  VecPattern p;
+  if (!t.defined()) return p;
+  const float* data = t.const_data_ptr<float>();
+  p.period = t.numel();
+  storage.resize(p.period + 16);
+  for (int64_t j = 0; j < p.period + 16; ++j) storage[j] = data[j % p.period];
+  p.ext = storage.data();
+  return p;
+}
+
+// The loss terms of float elements [begin, end), 16 lanes at a time
+// (vec_math.h), the tail in scalar code. Writes
 // the per-element loss (loss_out) and/or the scaled input gradient (grad_out)
 // when given; returns the sum of the loss terms, lanes added in a fixed order.
-FASTMLP_CPU_CLONES inline double bce_forward_f32(const float* x, const float* y, float w, float pw, float* loss_out,
-                                                 float* grad_out, float grad_scale, int64_t begin, int64_t end) {
+FASTMLP_CPU_CLONES inline double bce_forward_f32(const float* x, const float* y, const VecPattern& w,
+                                                 const VecPattern& pw, float* loss_out, float* grad_out,
+                                                 float grad_scale, int64_t begin, int64_t end) {
   using namespace vec;
   f32x16 acc = splat(0.0f);
   int64_t i = begin;
-  for (; i + 16 <= end; i += 16) {
+  int64_t wo = w.offset(begin), pwo = pw.offset(begin);
+  for (; i + 16 <= end; i += 16, wo = w.advance(wo), pwo = pw.advance(pwo)) {
     const f32x16 xv = load(x + i), yv = load(y + i);
+    const f32x16 wv = w.at(wo), pwv = pw.at(pwo);
     const f32x16 ax = select(xv < 0.0f, -xv, xv);
     const f32x16 e = exp_nonpositive(-ax);
     const f32x16 sp = select(xv < 0.0f, -xv, splat(0.0f)) + log1p_unit(e);  // softplus(-x)
-    const f32x16 lw = (pw - 1.0f) * yv + 1.0f;
-    const f32x16 loss = w * ((1.0f - yv) * xv + lw * sp);
+    const f32x16 lw = (pwv - 1.0f) * yv + 1.0f;
+    const f32x16 loss = wv * ((1.0f - yv) * xv + lw * sp);
     acc += loss;
     if (loss_out) store(loss_out + i, loss);
     if (grad_out) {
       const f32x16 sig_neg = select(xv >= 0.0f, e, splat(1.0f)) / (e + 1.0f);  // sigmoid(-x)
-      store(grad_out + i, w * ((1.0f - yv) - lw * sig_neg) * grad_scale);
+      store(grad_out + i, wv * ((1.0f - yv) - lw * sig_neg) * grad_scale);
     }
   }
   double sum = 0;
   for (int lane = 0; lane < 16; ++lane) sum += acc[lane];
   for (; i < end; ++i) {
-    const auto t = bce_terms<float>(x[i], y[i], w, pw);
+    const auto t = bce_terms<float>(x[i], y[i], w.scalar(i), pw.scalar(i));
     if (loss_out) loss_out[i] = t.loss;
     if (grad_out) grad_out[i] = t.grad_input * grad_scale;
     sum += t.loss;
@@ -93,16 +125,21 @@ struct CpuBceKernels {
       const opmath_t scale = reduction == kReductionMean ? opmath_t(1) / static_cast<opmath_t>(n) : opmath_t(1);
       const int64_t chunks = (n + kBceChunk - 1) / kBceChunk;
       std::vector<double> partial(chunks, 0.0);
-      // float with scalar weights: the vectorised loop (the common case).
-      const bool vectorised = std::is_same_v<scalar_t, float> && wt.period == 1 && pwt.period == 1;
+      // float: the vectorised loop (weight patterns copied once, extended for it).
+      constexpr bool vectorised = std::is_same_v<scalar_t, float>;
+      std::vector<float> w_ext, pw_ext;
+      VecPattern wv, pwv;
+      if constexpr (vectorised) {
+        wv = vec_pattern(w, w_ext);
+        pwv = vec_pattern(pw, pw_ext);
+      }
       // ~1 ns an element vectorised: below 16 chunks a second thread costs more than it saves.
       at::parallel_for(0, chunks, 16, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
           const int64_t end = std::min(n, (chunk + 1) * kBceChunk);
-          if (vectorised) {  // scalar_t is float: the casts are identities
+          if constexpr (vectorised) {  // scalar_t is float: the casts are identities
             partial[chunk] = bce_forward_f32(reinterpret_cast<const float*>(xp), reinterpret_cast<const float*>(yp),
-                                             static_cast<float>(wt(0)), static_cast<float>(pwt(0)),
-                                             reinterpret_cast<float*>(lp), reinterpret_cast<float*>(gp),
+                                             wv, pwv, reinterpret_cast<float*>(lp), reinterpret_cast<float*>(gp),
                                              static_cast<float>(scale), chunk * kBceChunk, end);
             continue;
           }
