@@ -285,6 +285,28 @@ def test_fused_linear_relu_inside(device: str) -> None:
         assert_close(a.grad, b.grad)
 
 
+def _with_global_linear_hook(
+    register: Callable, fused: nn.Module, ref: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Forward + backward of both models under a global module hook (forward or
+    backward, per ``register``); returns both outputs and how often the hook saw
+    an ``nn.Linear`` in each."""
+    calls: list[nn.Module] = []
+
+    def hook(m: nn.Module, *args: object) -> None:
+        if type(m) is nn.Linear:
+            calls.append(m)
+
+    handle = register(hook)
+    try:
+        out_f = forward_backward(fused, x)
+        n_fused = len(calls)
+        out_r = forward_backward(ref, x)
+    finally:
+        handle.remove()
+    return out_f, out_r, n_fused, len(calls) - n_fused
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hook_kind", ["backward", "backward_pre", "global_backward"])
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch's, for both models
@@ -307,20 +329,10 @@ def test_backward_hooks_fire_and_results_match(device: str, hook_kind: str) -> N
             handles.append(model[2].register_full_backward_pre_hook(hook))
     x = torch.randn(7, 6, device=device)
     if hook_kind == "global_backward":
-        calls: list[str] = []
-
-        def glob(m: nn.Module, grad_in: tuple, grad_out: tuple) -> None:
-            if type(m) is nn.Linear:
-                calls.append("linear")
-
-        handle = nn.modules.module.register_module_full_backward_hook(glob)
-        try:
-            out_f = forward_backward(fused, x)
-            n_fused = len(calls)
-            out_r = forward_backward(ref, x)
-        finally:
-            handle.remove()
-        assert n_fused == len(calls) - n_fused > 0
+        out_f, out_r, n_fused, n_ref = _with_global_linear_hook(
+            nn.modules.module.register_module_full_backward_hook, fused, ref, x
+        )
+        assert n_fused == n_ref > 0
     else:
         out_f = forward_backward(fused, x)
         out_r = forward_backward(ref, x)
@@ -350,20 +362,10 @@ def test_hooks_fire_and_results_match(device: str, hook_kind: str) -> None:
 
     x = torch.randn(7, 6, device=device)
     if hook_kind == "global_forward":
-        calls: list[type] = []
-
-        def glob(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            if type(m) is nn.Linear:
-                calls.append(type(m))
-
-        handle = nn.modules.module.register_module_forward_hook(glob)
-        try:
-            out_f = forward_backward(fused, x)
-            n_fused = len(calls)
-            out_r = forward_backward(ref, x)
-        finally:
-            handle.remove()
-        assert n_fused == len(calls) - n_fused == 3
+        out_f, out_r, n_fused, n_ref = _with_global_linear_hook(
+            nn.modules.module.register_module_forward_hook, fused, ref, x
+        )
+        assert n_fused == n_ref == 3
     else:
         register = "register_forward_pre_hook" if hook_kind == "forward_pre" else "register_forward_hook"
         getattr(ref[2], register)(hook_for("ref"))
