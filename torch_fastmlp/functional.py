@@ -76,6 +76,23 @@ def _pattern(t: torch.Tensor | None, shape: torch.Size, name: str) -> torch.Tens
     return padded.expand(shape)[(0,) * lead].reshape(-1)
 
 
+def _own_pattern(t: torch.Tensor | None, input: torch.Tensor) -> bool:
+    """None, or a per-class ``[C]`` weight over ``[..., C]`` logits that is
+    already its own flat pattern (``_pattern`` would return it as it is), on the
+    input's dtype and device and without a gradient to refuse."""
+    if t is None:
+        return True
+    return (
+        type(t) is torch.Tensor
+        and t.dim() == 1
+        and t.shape[0] == input.shape[-1]
+        and t.dtype is input.dtype
+        and t.is_contiguous()
+        and (t.is_cpu and input.is_cpu or t.device == input.device)
+        and not (t.requires_grad and torch.is_grad_enabled())
+    )
+
+
 def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -91,9 +108,7 @@ def binary_cross_entropy_with_logits(
     ``fastmlp::bce_loss``, whose autograd is in C++: the same math as
     :class:`torch_fastmlp.BCEWithLogitsFunction` at a lower cost per call)."""
     if (
-        weight is None
-        and pos_weight is None
-        and size_average is None
+        size_average is None
         and reduce is None
         and type(input) is torch.Tensor
         and type(target) is torch.Tensor
@@ -101,11 +116,14 @@ def binary_cross_entropy_with_logits(
         and input.is_floating_point()
         and input.shape == target.shape
         and input.numel() > 0
+        and _own_pattern(weight, input)
+        and _own_pattern(pos_weight, input)
     ):
-        # The everyday call (no weights, same dtype and shape): the checks below
-        # would all pass; a small batch would pay for them more than for the loss.
+        # The everyday call (no weights or per-class ones, same dtype and shape):
+        # the checks below would all pass; a small batch would pay for them more
+        # than for the loss.
         check_device(input, target)
-        return ops.bce_loss(input, target, None, None, _reduction.get_enum(reduction))
+        return ops.bce_loss(input, target, weight, pos_weight, _reduction.get_enum(reduction))
     fn = "binary_cross_entropy_with_logits"
     _check_tensor(input, "input", fn)
     _check_tensor(target, "target", fn)
