@@ -80,8 +80,9 @@ sanitize() {
         "$PYTHON" -m pytest -q -x -p no:cacheprovider tests -k "$SANITIZER_K"
 }
 
-# ncu_one: full metrics for the kernels of one fused forward+backward (784-30-1, batch 12396),
-# selected by an NVTX range around the last of a few iterations.
+# ncu_one: full metrics for the kernels of one Sequential forward+backward and one
+# FusedBCEClassifier step (784-30-1, batch 12396), selected by an NVTX range around
+# the last of a few iterations.
 ncu_one() {
     local script="$OUT/ncu_case.py"
     cat >"$script" <<'PY'
@@ -95,6 +96,7 @@ import torch_fastmlp as fm
 base = nn.Sequential(nn.Linear(784, 30), nn.ReLU(), nn.Linear(30, 1)).cuda()
 model = fm.Sequential(*copy.deepcopy(list(base)))
 loss_fn = fm.BCEWithLogitsLoss()
+classifier = fm.FusedBCEClassifier(model)
 x = torch.randn(12396, 784, device="cuda")
 y = torch.randint(0, 2, (12396, 1), device="cuda").float()
 for i in range(4):
@@ -102,10 +104,11 @@ for i in range(4):
         torch.cuda.nvtx.range_push("fastmlp")
     model.zero_grad(set_to_none=True)
     loss_fn(model(x), y).backward()
+    classifier(x, y).backward()
     torch.cuda.synchronize()
     if i == 3:
         torch.cuda.nvtx.range_pop()
-print("profiled one fused fwd+bwd step")
+print("profiled one Sequential fwd+bwd and one FusedBCEClassifier step")
 PY
     ncu --target-processes all --nvtx --nvtx-include "fastmlp/" --launch-count 20 --set full \
         --export "$OUT/ncu-fused" --force-overwrite "$PYTHON" "$script"

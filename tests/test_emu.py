@@ -560,3 +560,251 @@ def test_bce_backward(
     only_x, none_y = emu.bce_backward(grad_out.contiguous(), x, y, w, pw, reduction, True, False)
     assert none_y is None
     torch.testing.assert_close(only_x, ref_x, **tol(dtype))
+
+
+# ---------------------------------------------------------------- csrc/cuda/fused_chain.cuh
+
+H100_SMEM_OPTIN = 227 * 1024
+
+
+def step_inputs(
+    dtype: torch.dtype, batch: int, sizes: list[int], seed: int, bias: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    g = gen(seed)
+    x = torch.randn(batch, sizes[0], dtype=dtype, generator=g)
+    weights = [
+        torch.randn(n, k, dtype=dtype, generator=g) / math.sqrt(k) for k, n in zip(sizes, sizes[1:], strict=False)
+    ]
+    biases: list[torch.Tensor | None] = [
+        torch.randn(n, dtype=dtype, generator=g) * 0.1 if bias else None for n in sizes[1:]
+    ]
+    y = torch.rand(batch, sizes[-1], dtype=dtype, generator=g)  # soft targets
+    return x, y, weights, biases
+
+
+def step_ref(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    last_relu: bool,
+    w: torch.Tensor | None,
+    pw: torch.Tensor | None,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """(loss, grad_input, grad_weights, grad_biases) by torch autograd in float64."""
+    x64 = x.double().requires_grad_(True)
+    ws = [t.double().requires_grad_(True) for t in weights]
+    bs = [None if b is None else b.double().requires_grad_(True) for b in biases]
+    h = x64
+    for i, (wt, b) in enumerate(zip(ws, bs, strict=True)):
+        h = F.linear(h, wt, b)
+        if i + 1 < len(ws) or last_relu:
+            h = torch.relu(h)
+    loss = F.binary_cross_entropy_with_logits(
+        h,
+        y.double(),
+        weight=None if w is None else w.double(),
+        pos_weight=None if pw is None else pw.double(),
+        reduction=REDUCTIONS[reduction],
+    )
+    params = [x64, *ws, *[b for b in bs if b is not None]]
+    grads = list(torch.autograd.grad(loss, params))
+    gx, gws = grads[0], grads[1 : 1 + len(ws)]
+    rest = iter(grads[1 + len(ws) :])
+    gbs = [None if b is None else next(rest) for b in bs]
+    return loss.detach(), gx, gws, gbs
+
+
+def run_step(
+    emu: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    last_relu: bool = False,
+    w: torch.Tensor | None = None,
+    pw: torch.Tensor | None = None,
+    reduction: int = 1,
+    input_grad: bool = True,
+    weight_mask: list[bool] | None = None,
+    bias_mask: list[bool] | None = None,
+    sm_count: int = SM_COUNT,
+    smem_optin: int = H100_SMEM_OPTIN,
+) -> tuple[Any, ...]:
+    layers = len(weights)
+    weight_mask = [True] * layers if weight_mask is None else weight_mask
+    bias_mask = [b is not None for b in biases] if bias_mask is None else bias_mask
+    return emu.fused_step(
+        x, y, weights, biases, last_relu, w, pw, reduction, input_grad, weight_mask, bias_mask, sm_count, smem_optin
+    )
+
+
+def assert_step_matches(
+    out: tuple[Any, ...],
+    ref: tuple[Any, ...],
+    dtype: torch.dtype,
+    k: int,
+    input_grad: bool,
+    weight_mask: list[bool],
+    bias_mask: list[bool],
+) -> None:
+    loss, gx, gws, gbs, blocks, _ = out
+    rloss, rgx, rgws, rgbs = ref
+    assert blocks > 0
+    torch.testing.assert_close(loss, rloss.to(dtype), **tol(dtype, k))
+    if input_grad:
+        torch.testing.assert_close(gx, rgx.to(dtype), **tol(dtype, k))
+    else:
+        assert gx.numel() == 0
+    for gw, rgw, want in zip(gws, rgws, weight_mask, strict=True):
+        if want:
+            torch.testing.assert_close(gw, rgw.to(dtype), **tol(dtype, k))
+        else:
+            assert gw.numel() == 0
+    for gb, rgb, want in zip(gbs, rgbs, bias_mask, strict=True):
+        if want:
+            torch.testing.assert_close(gb, rgb.to(dtype), **tol(dtype, k))
+        else:
+            assert gb.numel() == 0
+
+
+STEP_CASES = {
+    # name: (batch, sizes, sm_count, smem_optin)
+    "784-30-1 one tile": (50, [784, 30, 1], SM_COUNT, H100_SMEM_OPTIN),
+    "784-30-1 two tiles": (100, [784, 30, 1], SM_COUNT, H100_SMEM_OPTIN),
+    "deep, several tiles per block": (300, [40, 16, 8, 3], 2, H100_SMEM_OPTIN),
+    "grads in global memory": (150, [700, 33, 5], 3, 100 * 1024),
+    "one layer": (65, [9, 4], SM_COUNT, H100_SMEM_OPTIN),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_fused_step_matches_torch(emu: Any, dtype: torch.dtype, case: str) -> None:
+    batch, sizes, sm_count, smem_optin = STEP_CASES[case]
+    x, y, weights, biases = step_inputs(dtype, batch, sizes, seed=len(case))
+    layers = len(weights)
+    out = run_step(emu, x, y, weights, biases, sm_count=sm_count, smem_optin=smem_optin)
+    ref = step_ref(x, y, weights, biases, False, None, None, 1)
+    assert_step_matches(out, ref, dtype, batch * sizes[0], True, [True] * layers, [True] * layers)
+
+
+def test_fused_step_widest_layers(emu: Any) -> None:
+    x, y, weights, biases = step_inputs(torch.float32, 70, [20, 128, 128, 2], seed=3)
+    out = run_step(emu, x, y, weights, biases)
+    ref = step_ref(x, y, weights, biases, False, None, None, 1)
+    assert_step_matches(out, ref, torch.float32, 70 * 128, True, [True] * 3, [True] * 3)
+    # float64 tile buffers of two 128-wide layers exceed an H100's shared memory: not fused
+    *_, blocks, _ = run_step(emu, x.double(), y.double(), [t.double() for t in weights], [t.double() for t in biases])
+    assert blocks == 0
+
+
+def test_fused_step_places_the_gradients_as_planned(emu: Any) -> None:
+    x, y, weights, biases = step_inputs(torch.float32, 100, [784, 30, 1], seed=1)
+    *_, blocks, in_smem = run_step(emu, x, y, weights, biases)
+    # 94 KB of accumulators fit next to the tile buffers; a second block would
+    # add more partial-gradient traffic than half the input's
+    assert (blocks, in_smem) == (1, 1)
+    *_, blocks, in_smem = run_step(
+        emu, x.double(), y.double(), [t.double() for t in weights], [t.double() for t in biases]
+    )
+    assert in_smem == 0  # float64: 188 KB of accumulators do not
+    *_, blocks, _ = run_step(emu, x, y, [torch.randn(129, 784), torch.randn(1, 129)], [None, None])
+    assert blocks == 0  # a layer wider than kChainMaxWidth: not for this kernel
+    x, y, weights, biases = step_inputs(torch.float32, 150, [700, 33, 5], seed=2)
+    *_, blocks, in_smem = run_step(emu, x, y, weights, biases, sm_count=3, smem_optin=100 * 1024)
+    assert (blocks, in_smem) == (2, 0)  # the accumulators live in each block's workspace slice
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("last_relu", [False, True])
+@pytest.mark.parametrize(("weight", "pos_weight", "reduction"), [("class", "class", 2), ("full", "scalar", 1)])
+def test_fused_step_loss_options(
+    emu: Any, dtype: torch.dtype, last_relu: bool, weight: str, pos_weight: str, reduction: int
+) -> None:
+    x, y, weights, biases = step_inputs(dtype, 130, [24, 12, 3], seed=5)
+    _, _, w, pw = bce_inputs((130, 3), dtype, weight, pos_weight, seed=6)
+    out = run_step(emu, x, y, weights, biases, last_relu=last_relu, w=w, pw=pw, reduction=reduction, sm_count=2)
+    ref = step_ref(x, y, weights, biases, last_relu, w, pw, reduction)
+    assert_step_matches(out, ref, dtype, 130 * 24, True, [True, True], [True, True])
+
+
+@pytest.mark.parametrize(
+    ("input_grad", "weight_mask", "bias_mask"),
+    [
+        (False, [False, True, True], [False, True, False]),  # frozen first layer: backward stops at layer 1
+        (True, [False, False, False], [False, False, False]),  # input gradient only
+        (False, [True, False, False], [False, False, True]),
+        (False, [False, False, False], [False, False, False]),
+    ],  # the loss alone
+)
+def test_fused_step_gradient_masks(emu: Any, input_grad: bool, weight_mask: list[bool], bias_mask: list[bool]) -> None:
+    x, y, weights, biases = step_inputs(torch.float64, 90, [33, 17, 9, 2], seed=7)
+    out = run_step(
+        emu, x, y, weights, biases, input_grad=input_grad, weight_mask=weight_mask, bias_mask=bias_mask, sm_count=2
+    )
+    ref = step_ref(x, y, weights, biases, False, None, None, 1)
+    assert_step_matches(out, ref, torch.float64, 90 * 33, input_grad, weight_mask, bias_mask)
+
+
+def test_fused_step_strided_input_no_bias_and_determinism(emu: Any) -> None:
+    x, y, weights, _ = step_inputs(torch.float32, 140, [50, 20, 1], seed=8)
+    xt = x.t().contiguous().t()  # column-major: read through its strides
+    biases: list[torch.Tensor | None] = [None, None]
+    first = run_step(emu, xt, y, weights, biases, sm_count=2)
+    assert_step_matches(
+        first,
+        step_ref(x, y, weights, biases, False, None, None, 1),
+        torch.float32,
+        140 * 50,
+        True,
+        [True, True],
+        [False, False],
+    )
+    second = run_step(emu, xt, y, weights, biases, sm_count=2)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(first[2], second[2], strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "sizes", "last_relu", "sm_count"),
+    [(1, [784, 30, 1], False, SM_COUNT), (130, [784, 30, 1], False, SM_COUNT), (200, [45, 20, 7, 3], True, 2)],
+)
+def test_fused_forward_matches_torch(
+    emu: Any, dtype: torch.dtype, batch: int, sizes: list[int], last_relu: bool, sm_count: int
+) -> None:
+    x, _, weights, biases = step_inputs(dtype, batch, sizes, seed=batch)
+    x = x[:, ::1] if batch % 2 else x.t().contiguous().t()  # also through the input's strides
+    acts, blocks = emu.fused_forward(x, weights, biases, last_relu, sm_count, H100_SMEM_OPTIN)
+    assert blocks == min(-(-batch // 64), 8 * sm_count)
+    h = x.double()
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        h = F.linear(h, w.double(), b.double())
+        if i + 1 < len(weights) or last_relu:
+            h = torch.relu(h)
+        torch.testing.assert_close(acts[i], h.to(dtype), **tol(dtype, sizes[i]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_half_storage_float_accumulation(emu: Any, dtype: torch.dtype) -> None:
+    """Half / bfloat16 storage, float accumulation: the float64 result of the
+    same (rounded) inputs, within the storage type's rounding."""
+    x, y, weights, biases = step_inputs(torch.float32, 100, [784, 30, 1], seed=4)
+    x, y = x.to(dtype), y.to(dtype)
+    weights = [t.to(dtype) for t in weights]
+    biases = [None if b is None else b.to(dtype) for b in biases]
+    eps = torch.finfo(dtype).eps
+    close = {"rtol": 4 * eps, "atol": 4 * eps}
+    loss, gx, gws, gbs, blocks, _ = run_step(emu, x, y, weights, biases)
+    rloss, rgx, rgws, rgbs = step_ref(x, y, weights, biases, False, None, None, 1)
+    assert blocks > 0
+    torch.testing.assert_close(loss.double(), rloss, **close)
+    scale = rgx.abs().max()  # gradients: absolute error relative to their size
+    torch.testing.assert_close(gx.double() / scale, rgx / scale, **close)
+    for got, ref in zip([*gws, *gbs], [*rgws, *rgbs], strict=True):
+        torch.testing.assert_close(got.double() / ref.abs().max(), ref / ref.abs().max(), **close)
+    acts, _ = emu.fused_forward(x, weights, biases, False, SM_COUNT, H100_SMEM_OPTIN)
+    h = torch.relu(F.linear(x.double(), weights[0].double(), biases[0].double()))
+    torch.testing.assert_close(acts[0].double() / h.abs().max(), h / h.abs().max(), **close)

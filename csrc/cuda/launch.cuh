@@ -3,6 +3,8 @@
 // csrc/emu/cuda_emu.h included first (the CPU test harness), it runs the very
 // same kernel on the CPU with CUDA's execution semantics.
 #pragma once
+#include <stddef.h>
+
 #include <utility>
 
 #if defined(__CUDACC__)
@@ -13,6 +15,20 @@
 #endif
 
 namespace fastmlp::cuda {
+
+// Dynamic shared memory a kernel may use without opting in.
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+
+// Opts `kernel` in to `bytes` of dynamic shared memory (above kDefaultDynamicSmem).
+template <typename... KernelArgs> inline void allow_dynamic_smem(void (*kernel)(KernelArgs...), size_t bytes) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+#if defined(__CUDACC__)
+  C10_CUDA_CHECK(err);
+#else
+  if (err != cudaSuccess) throw ::fastmlp_emu::Error("fastmlp_emu: cudaFuncSetAttribute failed");
+#endif
+}
 
 template <typename... KernelArgs, typename... Args>
 inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes,

@@ -1,10 +1,82 @@
-// Registers the CUDA kernel of fastmlp::mlp_bce_step (the whole training step's math).
+// CUDA kernel of fastmlp::mlp_bce_step (the whole training step's math).
+//
+// A narrow chain (cuda/fused_chain.cuh: at most kChainMaxLayers layers, each at
+// most kChainMaxWidth wide) runs as one fused kernel plus a deterministic
+// reduction of the per-block gradients; anything else composes the per-layer
+// GEMMs and the BCE kernel.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
 #include "common/mlp_bce_ops.h"
 #include "cuda/bce_backend.cuh"
+#include "cuda/kernel_params.h"
 #include "cuda/layer_backend.cuh"
 
-TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
-  m.impl("mlp_bce_step", &fastmlp::MlpBceOps<fastmlp::cuda::CudaKernels, fastmlp::cuda::CudaBceKernels>::step);
+namespace fastmlp::cuda {
+namespace {
+
+using Generic = MlpBceOps<CudaKernels, CudaBceKernels>;
+using StepResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
+
+StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
+                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
+                const c10::List<bool>& bias_mask) {
+  check_mlp_args(input, weights, biases);
+  if (!fused_chain_shape(input, weights)) {
+    return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
+                         weight_mask, bias_mask);
+  }
+  check_step_reduction(reduction);
+  const size_t layers = weights.size();
+  TORCH_CHECK(weight_mask.size() == layers && bias_mask.size() == layers,
+              "fastmlp.mlp_bce_step: expected one weight_mask and bias_mask entry per layer (", layers, "), got ",
+              weight_mask.size(), " and ", bias_mask.size());
+  const int64_t batch = input.size(0);
+  const std::vector<int64_t> out_shape{batch, weights.back().size(0)};
+  TORCH_CHECK(target.sizes() == out_shape, "fastmlp.mlp_bce_step: Target size (", target.sizes(),
+              ") must be the same as input size (", c10::IntArrayRef(out_shape), ")");
+  check_bce_args(target, target, weight, pos_weight, reduction);
+  check_same(target, input, "target", "input");
+
+  c10::cuda::CUDAGuard guard(input.device());
+  BelowAutograd below_autograd;
+  const at::Tensor y = target.contiguous(), lw = contiguous_or_undefined(weight),
+                   pw = contiguous_or_undefined(pos_weight);
+  const ContiguousChain chain(weights, biases);
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+
+  StepResult result;
+  bool fused = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastmlp_mlp_bce_step_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    FusedChainParams<scalar_t> p = fused_step_params_of<scalar_t>(input, y, chain, last_relu, lw, pw, reduction);
+    FusedChainPlan plan;
+    if (!plan_fused_step(p, props->multiProcessorCount, props->sharedMemPerBlockOptin, &plan)) return;
+    fused = true;
+    FusedStepOutputs o = fused_step_outputs(p, input, chain.weights, input_grad, weight_mask, bias_mask,
+                                            [](at::IntArrayRef shape, const at::TensorOptions& opts) {
+                                              return at::empty(shape, opts);
+                                            });
+    result = {o.loss, o.grad_input, o.grad_weight, o.grad_bias};
+    at::Tensor workspace = at::empty({fused_step_workspace_elems(p, plan.blocks)},
+                                     input.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    launch_fused_step(p, plan, workspace.data_ptr<acc>(), at::cuda::getCurrentCUDAStream());
+  });
+  if (!fused) {
+    return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
+                         weight_mask, bias_mask);
+  }
+  return result;
+}
+
+}  // namespace
+}  // namespace fastmlp::cuda
+
+TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) { m.impl("mlp_bce_step", &fastmlp::cuda::step); }

@@ -313,6 +313,81 @@ std::tuple<MaybeTensor, MaybeTensor> bce_backward(const at::Tensor& grad_loss, c
   return {maybe(gi), maybe(gt)};
 }
 
+// fastmlp::mlp_bce_step's fused kernel (cuda/fused_chain.cuh) as planned for a
+// device with `sm_count` SMs and `smem_optin` bytes of shared memory per block.
+// Returns (loss, grad_input, grad_weights, grad_biases, blocks, grads_in_smem);
+// gradients not asked for are empty; blocks == 0: the chain does not qualify.
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t> fused_step(
+    const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, bool last_relu, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& pos_weight, int64_t reduction, bool input_grad,
+    const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask, int64_t sm_count, int64_t smem_optin) {
+  TORCH_CHECK(input.dim() == 2 && target.is_contiguous() && weights.size() == biases.size() &&
+              weights.size() == weight_mask.size() && weights.size() == bias_mask.size());
+  for (const at::Tensor& w : weights) TORCH_CHECK(w.scalar_type() == input.scalar_type());
+  const fc::ContiguousChain chain(weights, biases);
+  const at::Tensor lw = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : at::Tensor();
+  std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t> result{
+      at::empty({0}, input.options()), at::empty({0}, input.options()), {}, {}, 0, 0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emu_fused_step", [&] {
+    using acc = fastmlp::acc_t<scalar_t>;
+    fc::FusedChainParams<scalar_t> p =
+        fc::fused_step_params_of<scalar_t>(input, target, chain, last_relu, lw, pw, reduction);
+    fc::FusedChainPlan plan;
+    if (!fc::plan_fused_step(p, static_cast<int>(sm_count), static_cast<size_t>(smem_optin), &plan)) return;
+    fc::FusedStepOutputs o = fc::fused_step_outputs(p, input, chain.weights, input_grad, weight_mask, bias_mask,
+                                                    [](at::IntArrayRef shape, const at::TensorOptions& opts) {
+                                                      return empty_output(shape, opts);
+                                                    });
+    at::Tensor ws = empty_output({fc::fused_step_workspace_elems(p, plan.blocks)},
+                                 input.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    Device dev;
+    dev.in("input", input).in("target", target).in("weight", lw).in("pos_weight", pw);
+    for (size_t l = 0; l < weights.size(); ++l) {
+      dev.in("weights[l]", chain.weights[l]);
+      if (chain.biases.get(l).has_value()) dev.in("biases[l]", *chain.biases.get(l));
+      if (weight_mask[l]) dev.out("grad_weights[l]", o.grad_weight[l]);
+      if (bias_mask[l]) dev.out("grad_biases[l]", o.grad_bias[l]);
+    }
+    dev.out("loss", o.loss).out("workspace", ws);
+    if (input_grad) dev.out("grad_input", o.grad_input);
+    fastmlp_emu::BufferScope scope(dev.specs);
+    fc::launch_fused_step(p, plan, ws.data_ptr<acc>(), kStream);
+    result = {o.loss, o.grad_input, o.grad_weight, o.grad_bias, plan.blocks, p.grads_in_smem ? 1 : 0};
+  });
+  return result;
+}
+
+// fastmlp::mlp_forward's fused kernel, planned as for fused_step. Returns
+// (every layer's activations, blocks); blocks == 0: the chain does not qualify.
+std::tuple<std::vector<at::Tensor>, int64_t> fused_forward(const at::Tensor& input, at::TensorList weights,
+                                                           const c10::List<std::optional<at::Tensor>>& biases,
+                                                           bool last_relu, int64_t sm_count, int64_t smem_optin) {
+  TORCH_CHECK(input.dim() == 2 && weights.size() == biases.size());
+  const fc::ContiguousChain chain(weights, biases);
+  std::tuple<std::vector<at::Tensor>, int64_t> result{std::vector<at::Tensor>{}, 0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emu_fused_forward", [&] {
+    fc::FusedChainParams<scalar_t> p = fc::fused_chain_params_of<scalar_t>(input, chain, last_relu);
+    fc::FusedChainPlan plan;
+    if (!fc::plan_fused_forward(p, static_cast<int>(sm_count), static_cast<size_t>(smem_optin), &plan)) return;
+    Device dev;
+    dev.in("input", input);
+    std::vector<at::Tensor> acts;
+    for (int l = 0; l < p.layers; ++l) {
+      dev.in("weights[l]", chain.weights[l]);
+      if (chain.biases.get(l).has_value()) dev.in("biases[l]", *chain.biases.get(l));
+      acts.push_back(empty_output({p.batch, p.width[l]}, input.options()));
+      dev.out("activations[l]", acts.back());
+      p.activation[l] = acts.back().data_ptr<scalar_t>();
+    }
+    fastmlp_emu::BufferScope scope(dev.specs);
+    fc::launch_fused_forward(p, plan, kStream);
+    result = {acts, plan.blocks};
+  });
+  return result;
+}
+
 // [memcheck compiled, launches, blocks, fiber switches, checked accesses]
 std::vector<int64_t> stats() {
   const auto& s = fastmlp_emu::stats();
@@ -339,5 +414,12 @@ TORCH_LIBRARY(fastmlp_emu_test, m) {
   m.def("bce_backward(Tensor grad_loss, Tensor x, Tensor y, Tensor? weight, Tensor? pos_weight, int reduction, "
         "bool want_input, bool want_target) -> (Tensor?, Tensor?)",
         &bce_backward);
+  m.def("fused_step(Tensor input, Tensor target, Tensor[] weights, Tensor?[] biases, bool last_relu, "
+        "Tensor? weight, Tensor? pos_weight, int reduction, bool input_grad, bool[] weight_mask, bool[] bias_mask, "
+        "int sm_count, int smem_optin) -> (Tensor, Tensor, Tensor[], Tensor[], int, int)",
+        &fused_step);
+  m.def("fused_forward(Tensor input, Tensor[] weights, Tensor?[] biases, bool last_relu, int sm_count, "
+        "int smem_optin) -> (Tensor[], int)",
+        &fused_forward);
   m.def("stats() -> int[]", &stats);
 }

@@ -1,0 +1,500 @@
+// A narrow MLP chain in one kernel, the tile walk of both:
+// - fused_step_kernel (fastmlp::mlp_bce_step): the whole training step of an MLP
+//   classifier. For each tile of kChainRows input rows a block runs the first
+//   layer (input streamed through shared memory in chunks of kChainChunk
+//   features), the narrow layers above it with their activations kept in shared
+//   memory, the BCE loss and its logits gradient, and the backward through every
+//   layer, adding the tile's parameter gradients into per-block accumulators (in
+//   shared memory when they fit, else in the block's own slice of the
+//   workspace). fused_step_finish_kernel sums the per-block partials in block
+//   order: deterministic, no floating-point atomics. Only the gradients and the
+//   loss are written to memory; the input is read by the forward and once more
+//   by the first layer's weight gradient, right after, while the tile is still
+//   in L2.
+// - fused_forward_kernel (fastmlp::mlp_forward): the same forward, writing every
+//   layer's activations for the backward.
+//
+// Eligible chains: at most kChainMaxLayers layers, every layer at most
+// kChainMaxWidth wide (the first layer's input of any width), and tile buffers
+// that fit the device's shared memory.
+// Pure CUDA (no torch): also compiled by the CPU emulation harness.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/math.h"
+#include "cuda/bce.cuh"
+#include "cuda/gemm.cuh"
+#include "cuda/launch.cuh"
+
+namespace fastmlp::cuda {
+
+constexpr int kChainMaxLayers = 8;
+constexpr int kChainMaxWidth = 128;
+constexpr int kChainRows = 64;    // rows of a tile
+constexpr int kChainChunk = 32;   // input features staged at a time
+constexpr int kChainThreads = 256;
+// First-layer forward: a 16 x 16 thread grid, each thread 4 rows x up to 8 columns.
+constexpr int kChainGridX = 16;
+constexpr int kChainRowsPerThread = kChainRows / (kChainThreads / kChainGridX);
+constexpr int kChainColsPerThread = kChainMaxWidth / kChainGridX;
+// First-layer weight gradient: thread = (feature in the chunk, group of output rows).
+constexpr int kChainGroups = kChainThreads / kChainChunk;
+constexpr int kChainRowsPerGroup = kChainMaxWidth / kChainGroups;
+static_assert(kChainThreads == kBceThreads, "the loss partial is summed with block_sum");
+static_assert(kChainRows % (kChainThreads / kChainGridX) == 0 && kChainThreads % kChainChunk == 0, "tile shape");
+
+template <typename scalar_t> struct FusedChainParams {
+  int64_t batch = 0, in_features = 0;
+  int layers = 0;
+  int width[kChainMaxLayers] = {};            // output features of each layer
+  Strided<scalar_t> input;                   // [batch, in_features]
+  const scalar_t* weight[kChainMaxLayers] = {};  // contiguous [width[l], fan_in(l)]
+  const scalar_t* bias[kChainMaxLayers] = {};    // [width[l]] or nullptr
+  bool last_relu = false;
+  const scalar_t* target = nullptr;          // contiguous [batch, width[layers - 1]]
+  BcePattern<scalar_t> loss_weight, pos_weight;
+  acc_t<scalar_t> scale = 1;                 // 1 / numel for a mean, 1 for a sum
+  int lowest = 0;                            // lowest layer the backward visits
+  // Outputs; a null gradient is not computed.
+  scalar_t* loss = nullptr;                  // a scalar
+  scalar_t* grad_input = nullptr;            // contiguous [batch, in_features]
+  scalar_t* grad_weight[kChainMaxLayers] = {};
+  scalar_t* grad_bias[kChainMaxLayers] = {};
+  // The forward-only kernel's outputs instead: each layer's activations,
+  // contiguous [batch, width[l]].
+  scalar_t* activation[kChainMaxLayers] = {};
+  bool forward_only = false;
+  // Set by plan_fused_step: where layer l's weight gradient starts in a block's
+  // partial gradients (its bias gradient follows); the total at [layers].
+  int64_t grad_offset[kChainMaxLayers + 1] = {};
+  bool grads_in_smem = false;
+
+  FASTMLP_HD int64_t fan_in(int l) const { return l == 0 ? in_features : width[l - 1]; }
+  FASTMLP_HD bool relu_after(int l) const { return l + 1 < layers || last_relu; }
+};
+
+// Offsets (in accumulator elements) of the kernel's dynamic shared memory.
+struct ChainSmemLayout {
+  int64_t grads = 0;                  // the block's gradient accumulators (grads_in_smem)
+  int64_t act[kChainMaxLayers] = {};   // layer outputs, [kChainRows, width[l]]
+  int64_t grad_a = 0, grad_b = 0;     // ping-pong gradients, [kChainRows, max width]
+  int64_t x_tile = 0;                 // [kChainRows, kChainChunk + 1] input chunk
+  int64_t w_tile = 0;                 // [kChainChunk, width[0] + 1] first-layer weight chunk
+  int64_t total = 0;
+};
+
+FASTMLP_HD int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
+
+template <typename scalar_t> FASTMLP_HD ChainSmemLayout chain_smem_layout(const FusedChainParams<scalar_t>& p) {
+  ChainSmemLayout s;
+  int64_t at = p.grads_in_smem ? round_up4(p.grad_offset[p.layers]) : 0;
+  int max_width = 0;
+  for (int l = 0; l < p.layers; ++l) {
+    s.act[l] = at;
+    at += round_up4(static_cast<int64_t>(kChainRows) * p.width[l]);
+    if (p.width[l] > max_width) max_width = p.width[l];
+  }
+  const int64_t grad_elems = p.forward_only ? 0 : round_up4(static_cast<int64_t>(kChainRows) * max_width);
+  s.grad_a = at;
+  s.grad_b = at + grad_elems;
+  s.x_tile = s.grad_b + grad_elems;
+  s.w_tile = s.x_tile + round_up4(static_cast<int64_t>(kChainRows) * (kChainChunk + 1));
+  s.total = s.w_tile + round_up4(static_cast<int64_t>(kChainChunk) * (p.width[0] + 1));
+  return s;
+}
+
+// xs[r][k] = input(r0 + r, k0 + k), zero outside the tile's rows and the features.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_input_chunk(const FusedChainParams<scalar_t>& p, acc_t<scalar_t>* xs, int64_t r0,
+                                                  int rows, int64_t k0) {
+  using acc = acc_t<scalar_t>;
+  for (int e = threadIdx.x; e < kChainRows * kChainChunk; e += kChainThreads) {
+    const int r = e / kChainChunk, k = e % kChainChunk;
+    xs[r * (kChainChunk + 1) + k] =
+        r < rows && k0 + k < p.in_features ? static_cast<acc>(p.input.at(r0 + r, k0 + k)) : acc(0);
+  }
+}
+
+// ws[k][n] = weight[0](n, k0 + k), zero past the features.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_weight_chunk(const FusedChainParams<scalar_t>& p, acc_t<scalar_t>* ws,
+                                                   int64_t k0) {
+  using acc = acc_t<scalar_t>;
+  const int n0 = p.width[0];
+  const int64_t K = p.in_features;
+  for (int e = threadIdx.x; e < n0 * kChainChunk; e += kChainThreads) {
+    const int n = e / kChainChunk, k = e % kChainChunk;
+    ws[k * (n0 + 1) + n] = k0 + k < K ? static_cast<acc>(p.weight[0][n * K + k0 + k]) : acc(0);
+  }
+}
+
+// act[0] = act(input tile . weight[0]^T + bias[0]), register micro-tiles.
+template <typename scalar_t>
+__device__ __forceinline__ void first_layer_forward(const FusedChainParams<scalar_t>& p, const ChainSmemLayout& lay,
+                                                    acc_t<scalar_t>* s, int64_t r0, int rows) {
+  using acc = acc_t<scalar_t>;
+  const int tx = threadIdx.x % kChainGridX, ty = threadIdx.x / kChainGridX;
+  const int n0 = p.width[0];
+  acc* const xs = s + lay.x_tile;
+  acc* const ws = s + lay.w_tile;
+  acc sum[kChainRowsPerThread][kChainColsPerThread];
+#pragma unroll
+  for (int i = 0; i < kChainRowsPerThread; ++i)
+#pragma unroll
+    for (int j = 0; j < kChainColsPerThread; ++j) sum[i][j] = acc(0);
+
+  for (int64_t k0 = 0; k0 < p.in_features; k0 += kChainChunk) {
+    __syncthreads();  // the buffers' previous contents are consumed
+    stage_input_chunk(p, xs, r0, rows, k0);
+    stage_weight_chunk(p, ws, k0);
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kChainChunk; ++k) {
+      acc a[kChainRowsPerThread], b[kChainColsPerThread];
+#pragma unroll
+      for (int i = 0; i < kChainRowsPerThread; ++i) a[i] = xs[(ty + i * (kChainThreads / kChainGridX)) * (kChainChunk + 1) + k];
+#pragma unroll
+      for (int j = 0; j < kChainColsPerThread; ++j) {
+        const int n = tx + j * kChainGridX;
+        b[j] = n < n0 ? ws[k * (n0 + 1) + n] : acc(0);
+      }
+#pragma unroll
+      for (int i = 0; i < kChainRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < kChainColsPerThread; ++j) sum[i][j] += a[i] * b[j];
+    }
+  }
+  acc* const out = s + lay.act[0];
+  const bool relu = p.relu_after(0);
+#pragma unroll
+  for (int i = 0; i < kChainRowsPerThread; ++i) {
+    const int r = ty + i * (kChainThreads / kChainGridX);
+#pragma unroll
+    for (int j = 0; j < kChainColsPerThread; ++j) {
+      const int n = tx + j * kChainGridX;
+      if (r >= rows || n >= n0) continue;
+      acc v = sum[i][j];
+      if (p.bias[0] != nullptr) v += static_cast<acc>(p.bias[0][n]);
+      out[r * n0 + n] = relu ? fastmlp::relu(v) : v;
+    }
+  }
+  __syncthreads();
+}
+
+// act[l] = act(act[l - 1] . weight[l]^T + bias[l]) for a narrow layer l >= 1.
+template <typename scalar_t>
+__device__ __forceinline__ void hidden_layer_forward(const FusedChainParams<scalar_t>& p, const ChainSmemLayout& lay,
+                                                     acc_t<scalar_t>* s, int l, int rows) {
+  using acc = acc_t<scalar_t>;
+  const int n_out = p.width[l], n_in = p.width[l - 1];
+  const acc* const in = s + lay.act[l - 1];
+  acc* const out = s + lay.act[l];
+  const scalar_t* const w = p.weight[l];
+  const bool relu = p.relu_after(l);
+  for (int e = threadIdx.x; e < rows * n_out; e += kChainThreads) {
+    const int r = e / n_out, n = e % n_out;
+    acc v = acc(0);
+    for (int k = 0; k < n_in; ++k) v += in[r * n_in + k] * static_cast<acc>(w[n * n_in + k]);
+    if (p.bias[l] != nullptr) v += static_cast<acc>(p.bias[l][n]);
+    out[e] = relu ? fastmlp::relu(v) : v;
+  }
+  __syncthreads();
+}
+
+// The tile's loss terms (returned: this thread's sum) and the logits gradient
+// (into g), masked by the last ReLU if there is one.
+template <typename scalar_t>
+__device__ __forceinline__ acc_t<scalar_t> loss_and_logits_grad(const FusedChainParams<scalar_t>& p,
+                                                                const ChainSmemLayout& lay, acc_t<scalar_t>* s,
+                                                                acc_t<scalar_t>* g, int64_t r0, int rows) {
+  using acc = acc_t<scalar_t>;
+  const int n_out = p.width[p.layers - 1];
+  const acc* const out = s + lay.act[p.layers - 1];
+  acc sum = acc(0);
+  for (int e = threadIdx.x; e < rows * n_out; e += kChainThreads) {
+    const int64_t idx = r0 * n_out + e;
+    const auto t = fastmlp::bce_terms<acc>(out[e], static_cast<acc>(p.target[idx]), p.loss_weight.at(idx),
+                                           p.pos_weight.at(idx));
+    sum += t.loss;
+    g[e] = p.last_relu && !fastmlp::relu_passes(out[e]) ? acc(0) : t.grad_input * p.scale;
+  }
+  __syncthreads();
+  return sum;
+}
+
+// Layer l >= 1 backward: its weight / bias gradients into the accumulators and,
+// unless l is the lowest layer visited, the gradient of act[l - 1] into g_next.
+template <typename scalar_t>
+__device__ __forceinline__ void hidden_layer_backward(const FusedChainParams<scalar_t>& p, const ChainSmemLayout& lay,
+                                                      acc_t<scalar_t>* s, acc_t<scalar_t>* grads, int l,
+                                                      const acc_t<scalar_t>* g, acc_t<scalar_t>* g_next, int rows) {
+  using acc = acc_t<scalar_t>;
+  const int n_out = p.width[l], n_in = p.width[l - 1];
+  const acc* const in = s + lay.act[l - 1];
+  acc* const gw = grads + p.grad_offset[l];
+  acc* const gb = gw + static_cast<int64_t>(n_out) * n_in;
+  if (p.grad_weight[l] != nullptr) {
+    for (int e = threadIdx.x; e < n_out * n_in; e += kChainThreads) {
+      const int n = e / n_in, k = e % n_in;
+      acc v = acc(0);
+      for (int r = 0; r < rows; ++r) v += g[r * n_out + n] * in[r * n_in + k];
+      gw[e] += v;
+    }
+  }
+  if (p.grad_bias[l] != nullptr) {
+    for (int n = threadIdx.x; n < n_out; n += kChainThreads) {
+      acc v = acc(0);
+      for (int r = 0; r < rows; ++r) v += g[r * n_out + n];
+      gb[n] += v;
+    }
+  }
+  if (l > p.lowest) {  // act[l - 1] is a hidden layer's output: always ReLU
+    const scalar_t* const w = p.weight[l];
+    for (int e = threadIdx.x; e < rows * n_in; e += kChainThreads) {
+      const int r = e / n_in, k = e % n_in;
+      acc v = acc(0);
+      for (int n = 0; n < n_out; ++n) v += g[r * n_out + n] * static_cast<acc>(w[n * n_in + k]);
+      g_next[e] = fastmlp::relu_passes(in[e]) ? v : acc(0);
+    }
+  }
+  __syncthreads();
+}
+
+// Layer 0 backward: bias and weight gradients into the accumulators (the input
+// chunks staged again) and the input gradient straight to memory.
+template <typename scalar_t>
+__device__ __forceinline__ void first_layer_backward(const FusedChainParams<scalar_t>& p, const ChainSmemLayout& lay,
+                                                     acc_t<scalar_t>* s, acc_t<scalar_t>* grads,
+                                                     const acc_t<scalar_t>* g, int64_t r0, int rows) {
+  using acc = acc_t<scalar_t>;
+  const int n0 = p.width[0];
+  const int64_t K = p.in_features;
+  acc* const gw = grads + p.grad_offset[0];
+  if (p.grad_bias[0] != nullptr) {
+    acc* const gb = gw + n0 * K;
+    for (int n = threadIdx.x; n < n0; n += kChainThreads) {
+      acc v = acc(0);
+      for (int r = 0; r < rows; ++r) v += g[r * n0 + n];
+      gb[n] += v;
+    }
+  }
+  const bool want_w = p.grad_weight[0] != nullptr, want_x = p.grad_input != nullptr;
+  if (!want_w && !want_x) return;
+  acc* const xs = s + lay.x_tile;
+  acc* const ws = s + lay.w_tile;
+  const int k = threadIdx.x % kChainChunk, group = threadIdx.x / kChainChunk;
+  for (int64_t k0 = 0; k0 < K; k0 += kChainChunk) {
+    __syncthreads();  // the buffers' previous contents are consumed
+    if (want_w) stage_input_chunk(p, xs, r0, rows, k0);
+    if (want_x) stage_weight_chunk(p, ws, k0);
+    __syncthreads();
+    if (want_w && k0 + k < K) {
+      // This thread owns gw[n][k0 + k] for n = group, group + kChainGroups, ...
+      acc v[kChainRowsPerGroup];
+#pragma unroll
+      for (int i = 0; i < kChainRowsPerGroup; ++i) v[i] = acc(0);
+      for (int r = 0; r < rows; ++r) {
+        const acc x = xs[r * (kChainChunk + 1) + k];
+#pragma unroll
+        for (int i = 0; i < kChainRowsPerGroup; ++i) {
+          const int n = group + i * kChainGroups;
+          if (n < n0) v[i] += g[r * n0 + n] * x;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kChainRowsPerGroup; ++i) {
+        const int n = group + i * kChainGroups;
+        if (n < n0) gw[n * K + k0 + k] += v[i];
+      }
+    }
+    if (want_x) {
+      for (int e = threadIdx.x; e < rows * kChainChunk; e += kChainThreads) {
+        const int r = e / kChainChunk, kk = e % kChainChunk;
+        if (k0 + kk >= K) continue;
+        acc v = acc(0);
+        for (int n = 0; n < n0; ++n) v += g[r * n0 + n] * ws[kk * (n0 + 1) + n];
+        p.grad_input[(r0 + r) * K + k0 + kk] = static_cast<scalar_t>(v);
+      }
+    }
+  }
+}
+
+// One block per grid slot walks the tiles blockIdx.x, blockIdx.x + gridDim.x, ...
+// partial: [gridDim.x, grad_offset[layers]] accumulators; loss_partial: [gridDim.x].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kChainThreads)
+    fused_step_kernel(FusedChainParams<scalar_t> p, acc_t<scalar_t>* partial, acc_t<scalar_t>* loss_partial) {
+  using acc = acc_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ acc scratch[kChainThreads];
+  acc* const s = reinterpret_cast<acc*>(smem);
+  const ChainSmemLayout lay = chain_smem_layout(p);
+  const int64_t total_grads = p.grad_offset[p.layers];
+  acc* const block_partial = partial + static_cast<int64_t>(blockIdx.x) * total_grads;
+  acc* const grads = p.grads_in_smem ? s + lay.grads : block_partial;
+  for (int64_t i = threadIdx.x; i < total_grads; i += kChainThreads) grads[i] = acc(0);
+
+  acc loss_sum = acc(0);
+  const int64_t tiles = (p.batch + kChainRows - 1) / kChainRows;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t r0 = t * kChainRows;
+    const int rows = static_cast<int>(p.batch - r0 < kChainRows ? p.batch - r0 : kChainRows);
+    first_layer_forward(p, lay, s, r0, rows);
+    for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
+    acc* g = s + lay.grad_a;
+    acc* g_next = s + lay.grad_b;
+    loss_sum += loss_and_logits_grad(p, lay, s, g, r0, rows);
+    for (int l = p.layers - 1; l >= p.lowest && l >= 1; --l) {
+      hidden_layer_backward(p, lay, s, grads, l, g, g_next, rows);
+      acc* const swap = g;
+      g = g_next;
+      g_next = swap;
+    }
+    if (p.lowest == 0) first_layer_backward(p, lay, s, grads, g, r0, rows);
+  }
+
+  __syncthreads();
+  if (p.grads_in_smem) {
+    for (int64_t i = threadIdx.x; i < total_grads; i += kChainThreads) block_partial[i] = grads[i];
+  }
+  const acc block_loss = block_sum(loss_sum, scratch);
+  if (threadIdx.x == 0) loss_partial[blockIdx.x] = block_loss;
+}
+
+// Sums the blocks' partials in block order into the gradients and the loss.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kChainThreads) fused_step_finish_kernel(FusedChainParams<scalar_t> p,
+                                                                          const acc_t<scalar_t>* partial,
+                                                                          const acc_t<scalar_t>* loss_partial,
+                                                                          int blocks) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc scratch[kChainThreads];
+  const int64_t total = p.grad_offset[p.layers];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kChainThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kChainThreads + threadIdx.x; i < total; i += stride) {
+    int l = 0;
+    while (i >= p.grad_offset[l + 1]) ++l;
+    const int64_t j = i - p.grad_offset[l], weight_elems = p.width[l] * p.fan_in(l);
+    scalar_t* const dst = j < weight_elems ? (p.grad_weight[l] ? p.grad_weight[l] + j : nullptr)
+                                           : (p.grad_bias[l] ? p.grad_bias[l] + (j - weight_elems) : nullptr);
+    if (dst == nullptr) continue;
+    acc v = acc(0);
+    for (int b = 0; b < blocks; ++b) v += partial[b * total + i];
+    *dst = static_cast<scalar_t>(v);
+  }
+  if (blockIdx.x == 0) {
+    acc v = acc(0);
+    for (int b = threadIdx.x; b < blocks; b += kChainThreads) v += loss_partial[b];
+    const acc total_loss = block_sum(v, scratch);
+    if (threadIdx.x == 0) *p.loss = static_cast<scalar_t>(total_loss * p.scale);
+  }
+}
+
+// The chain's forward alone (fastmlp::mlp_forward): the same tile walk, every
+// layer's activations written out for the backward.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kChainThreads) fused_forward_kernel(FusedChainParams<scalar_t> p) {
+  using acc = acc_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc* const s = reinterpret_cast<acc*>(smem);
+  const ChainSmemLayout lay = chain_smem_layout(p);
+  const int64_t tiles = (p.batch + kChainRows - 1) / kChainRows;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t r0 = t * kChainRows;
+    const int rows = static_cast<int>(p.batch - r0 < kChainRows ? p.batch - r0 : kChainRows);
+    first_layer_forward(p, lay, s, r0, rows);
+    for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
+    for (int l = 0; l < p.layers; ++l) {
+      const acc* const act = s + lay.act[l];
+      scalar_t* const dst = p.activation[l] + r0 * p.width[l];
+      for (int e = threadIdx.x; e < rows * p.width[l]; e += kChainThreads) dst[e] = static_cast<scalar_t>(act[e]);
+    }
+  }
+}
+
+struct FusedChainPlan {
+  int blocks = 0;
+  size_t smem_bytes = 0;
+};
+
+// Whether the chain qualifies, and how to launch it on a device with `sm_count`
+// SMs and `smem_optin` bytes of shared memory per block; sets p.grad_offset and
+// p.grads_in_smem. The block count depends only on the shapes and the device,
+// so the summation order is fixed for a given device.
+template <typename scalar_t> bool fused_chain_qualifies(const FusedChainParams<scalar_t>& p) {
+  if (p.layers < 1 || p.layers > kChainMaxLayers || p.batch < 1 || p.in_features < 1) return false;
+  for (int l = 0; l < p.layers; ++l) {
+    if (p.width[l] < 1 || p.width[l] > kChainMaxWidth) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t>
+bool plan_fused_step(FusedChainParams<scalar_t>& p, int sm_count, size_t smem_optin, FusedChainPlan* plan) {
+  using acc = acc_t<scalar_t>;
+  if (!fused_chain_qualifies(p)) return false;
+  int64_t offset = 0;
+  for (int l = 0; l < p.layers; ++l) {
+    p.grad_offset[l] = offset;
+    offset += p.width[l] * (p.fan_in(l) + 1);
+  }
+  p.grad_offset[p.layers] = offset;
+  // The kernel's static shared memory (block_sum's scratch) comes off the budget.
+  const size_t budget = smem_optin - kChainThreads * sizeof(acc);
+  p.forward_only = false;
+  p.grads_in_smem = true;
+  if (static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc) > budget) p.grads_in_smem = false;
+  const size_t bytes = static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc);
+  if (bytes > budget) return false;
+  // One block per SM at most (the accumulators fill its shared memory), and no
+  // more partials than keep their traffic under half the input's.
+  const int64_t tiles = ceil_div(p.batch, kChainRows);
+  int64_t blocks = tiles < sm_count ? tiles : sm_count;
+  const int64_t by_traffic = p.batch * p.in_features / (2 * offset);
+  if (blocks > by_traffic) blocks = by_traffic;
+  plan->blocks = static_cast<int>(blocks < 1 ? 1 : blocks);
+  plan->smem_bytes = bytes;
+  return true;
+}
+
+// The forward kernel's launch: no accumulators, so several blocks share an SM.
+template <typename scalar_t>
+bool plan_fused_forward(FusedChainParams<scalar_t>& p, int sm_count, size_t smem_optin, FusedChainPlan* plan) {
+  if (!fused_chain_qualifies(p)) return false;
+  p.forward_only = true;
+  p.grads_in_smem = false;
+  const size_t bytes = static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc_t<scalar_t>);
+  if (bytes > smem_optin) return false;
+  const int64_t tiles = (p.batch + kChainRows - 1) / kChainRows;
+  const int64_t max_blocks = 8 * static_cast<int64_t>(sm_count);
+  plan->blocks = static_cast<int>(tiles < max_blocks ? tiles : max_blocks);
+  plan->smem_bytes = bytes;
+  return true;
+}
+
+template <typename scalar_t>
+void launch_fused_forward(const FusedChainParams<scalar_t>& p, const FusedChainPlan& plan, cudaStream_t stream) {
+  if (plan.smem_bytes > kDefaultDynamicSmem) allow_dynamic_smem(fused_forward_kernel<scalar_t>, plan.smem_bytes);
+  launch_kernel(fused_forward_kernel<scalar_t>, dim3(plan.blocks), dim3(kChainThreads), plan.smem_bytes, stream, p);
+}
+
+// Accumulator elements of workspace the launch needs.
+template <typename scalar_t> int64_t fused_step_workspace_elems(const FusedChainParams<scalar_t>& p, int blocks) {
+  return static_cast<int64_t>(blocks) * (p.grad_offset[p.layers] + 1);
+}
+
+template <typename scalar_t>
+void launch_fused_step(const FusedChainParams<scalar_t>& p, const FusedChainPlan& plan, acc_t<scalar_t>* workspace,
+                       cudaStream_t stream) {
+  if (plan.smem_bytes > kDefaultDynamicSmem) allow_dynamic_smem(fused_step_kernel<scalar_t>, plan.smem_bytes);
+  acc_t<scalar_t>* const loss_partial = workspace + static_cast<int64_t>(plan.blocks) * p.grad_offset[p.layers];
+  launch_kernel(fused_step_kernel<scalar_t>, dim3(plan.blocks), dim3(kChainThreads), plan.smem_bytes, stream, p,
+                workspace, loss_partial);
+  const int64_t finish_blocks = ceil_div(p.grad_offset[p.layers], kChainThreads);
+  launch_kernel(fused_step_finish_kernel<scalar_t>, dim3(static_cast<unsigned>(finish_blocks < 1024 ? finish_blocks : 1024)),
+                dim3(kChainThreads), 0, stream, p, static_cast<const acc_t<scalar_t>*>(workspace),
+                static_cast<const acc_t<scalar_t>*>(loss_partial), plan.blocks);
+}
+
+}  // namespace fastmlp::cuda
