@@ -880,14 +880,15 @@ def test_bce_edge_shapes(device: str, shape: tuple[int, ...], reduction: str) ->
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [9, 1100])
-def test_half_precision_forward_like_eager(dtype: torch.dtype, batch: int) -> None:
-    """Half types run the fused ops on CPU too (not the narrow kernels). Only
-    values are compared: a ReLU mask may flip where a pre-activation rounds to
-    either side of 0, which moves individual gradient entries by O(1)."""
+def test_half_precision_forward_like_eager(device: str, dtype: torch.dtype, batch: int) -> None:
+    """Half types run the fused ops on CPU too (not the narrow kernels; on CUDA
+    the fused chain kernels, float accumulation). Only values are compared: a
+    ReLU mask may flip where a pre-activation rounds to either side of 0, which
+    moves individual gradient entries by O(1)."""
     sizes = [17, 33, 3]
-    ref = reference_mlp(sizes, dtype=dtype)
-    x = torch.randn(batch, 17).to(dtype)
-    y = torch.rand(batch, 3).to(dtype)
+    ref = reference_mlp(sizes, dtype=dtype, device=device)
+    x = torch.randn(batch, 17, device=device).to(dtype)
+    y = torch.rand(batch, 3, device=device).to(dtype)
     assert_close(fused_copy(ref)(x).detach(), ref(x).detach(), 33)
     clf = fm.FusedBCEClassifier(fused_copy(ref))
     assert_close(clf(x, y).detach(), nn.BCEWithLogitsLoss()(ref(x), y).detach(), batch * 3)

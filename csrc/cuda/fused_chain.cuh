@@ -34,13 +34,17 @@ constexpr int kChainMaxWidth = 128;
 constexpr int kChainRows = 64;    // rows of a tile
 constexpr int kChainChunk = 32;   // input features staged at a time
 constexpr int kChainThreads = 256;
-// First-layer forward: a 16 x 16 thread grid, each thread 4 rows x up to 8 columns.
+// The kernels are compiled for first layers of at most kNarrowFirst outputs
+// (the 784 -> 30 case) and of at most kChainMaxWidth, so a narrow first layer
+// does not run the register tiles of a 128-wide one.
+constexpr int kNarrowFirst = 32;
+// First-layer forward: a 16 x 16 thread grid, each thread 4 rows x up to
+// kFirstWidth / 16 columns.
 constexpr int kChainGridX = 16;
 constexpr int kChainRowsPerThread = kChainRows / (kChainThreads / kChainGridX);
-constexpr int kChainColsPerThread = kChainMaxWidth / kChainGridX;
-// First-layer weight gradient: thread = (feature in the chunk, group of output rows).
+// First-layer weight gradient: thread = (feature in the chunk, group of output
+// rows), up to kFirstWidth / kChainGroups rows each.
 constexpr int kChainGroups = kChainThreads / kChainChunk;
-constexpr int kChainRowsPerGroup = kChainMaxWidth / kChainGroups;
 static_assert(kChainThreads == kBceThreads, "the loss partial is summed with block_sum");
 static_assert(kChainRows % (kChainThreads / kChainGridX) == 0 && kChainThreads % kChainChunk == 0, "tile shape");
 
@@ -130,19 +134,20 @@ __device__ __forceinline__ void stage_weight_chunk(const FusedChainParams<scalar
 }
 
 // act[0] = act(input tile . weight[0]^T + bias[0]), register micro-tiles.
-template <typename scalar_t>
+template <int kFirstWidth, typename scalar_t>
 __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scalar_t>& p, const ChainSmemLayout& lay,
                                                     acc_t<scalar_t>* s, int64_t r0, int rows) {
   using acc = acc_t<scalar_t>;
+  constexpr int kCols = kFirstWidth / kChainGridX;
   const int tx = threadIdx.x % kChainGridX, ty = threadIdx.x / kChainGridX;
   const int n0 = p.width[0];
   acc* const xs = s + lay.x_tile;
   acc* const ws = s + lay.w_tile;
-  acc sum[kChainRowsPerThread][kChainColsPerThread];
+  acc sum[kChainRowsPerThread][kCols];
 #pragma unroll
   for (int i = 0; i < kChainRowsPerThread; ++i)
 #pragma unroll
-    for (int j = 0; j < kChainColsPerThread; ++j) sum[i][j] = acc(0);
+    for (int j = 0; j < kCols; ++j) sum[i][j] = acc(0);
 
   for (int64_t k0 = 0; k0 < p.in_features; k0 += kChainChunk) {
     __syncthreads();  // the buffers' previous contents are consumed
@@ -151,18 +156,18 @@ __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scala
     __syncthreads();
 #pragma unroll 4
     for (int k = 0; k < kChainChunk; ++k) {
-      acc a[kChainRowsPerThread], b[kChainColsPerThread];
+      acc a[kChainRowsPerThread], b[kCols];
 #pragma unroll
       for (int i = 0; i < kChainRowsPerThread; ++i) a[i] = xs[(ty + i * (kChainThreads / kChainGridX)) * (kChainChunk + 1) + k];
 #pragma unroll
-      for (int j = 0; j < kChainColsPerThread; ++j) {
+      for (int j = 0; j < kCols; ++j) {
         const int n = tx + j * kChainGridX;
         b[j] = n < n0 ? ws[k * (n0 + 1) + n] : acc(0);
       }
 #pragma unroll
       for (int i = 0; i < kChainRowsPerThread; ++i)
 #pragma unroll
-        for (int j = 0; j < kChainColsPerThread; ++j) sum[i][j] += a[i] * b[j];
+        for (int j = 0; j < kCols; ++j) sum[i][j] += a[i] * b[j];
     }
   }
   acc* const out = s + lay.act[0];
@@ -171,7 +176,7 @@ __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scala
   for (int i = 0; i < kChainRowsPerThread; ++i) {
     const int r = ty + i * (kChainThreads / kChainGridX);
 #pragma unroll
-    for (int j = 0; j < kChainColsPerThread; ++j) {
+    for (int j = 0; j < kCols; ++j) {
       const int n = tx + j * kChainGridX;
       if (r >= rows || n >= n0) continue;
       acc v = sum[i][j];
@@ -263,11 +268,12 @@ __device__ __forceinline__ void hidden_layer_backward(const FusedChainParams<sca
 
 // Layer 0 backward: bias and weight gradients into the accumulators (the input
 // chunks staged again) and the input gradient straight to memory.
-template <typename scalar_t>
+template <int kFirstWidth, typename scalar_t>
 __device__ __forceinline__ void first_layer_backward(const FusedChainParams<scalar_t>& p, const ChainSmemLayout& lay,
                                                      acc_t<scalar_t>* s, acc_t<scalar_t>* grads,
                                                      const acc_t<scalar_t>* g, int64_t r0, int rows) {
   using acc = acc_t<scalar_t>;
+  constexpr int kOwned = kFirstWidth / kChainGroups;
   const int n0 = p.width[0];
   const int64_t K = p.in_features;
   acc* const gw = grads + p.grad_offset[0];
@@ -291,19 +297,19 @@ __device__ __forceinline__ void first_layer_backward(const FusedChainParams<scal
     __syncthreads();
     if (want_w && k0 + k < K) {
       // This thread owns gw[n][k0 + k] for n = group, group + kChainGroups, ...
-      acc v[kChainRowsPerGroup];
+      acc v[kOwned];
 #pragma unroll
-      for (int i = 0; i < kChainRowsPerGroup; ++i) v[i] = acc(0);
+      for (int i = 0; i < kOwned; ++i) v[i] = acc(0);
       for (int r = 0; r < rows; ++r) {
         const acc x = xs[r * (kChainChunk + 1) + k];
 #pragma unroll
-        for (int i = 0; i < kChainRowsPerGroup; ++i) {
+        for (int i = 0; i < kOwned; ++i) {
           const int n = group + i * kChainGroups;
           if (n < n0) v[i] += g[r * n0 + n] * x;
         }
       }
 #pragma unroll
-      for (int i = 0; i < kChainRowsPerGroup; ++i) {
+      for (int i = 0; i < kOwned; ++i) {
         const int n = group + i * kChainGroups;
         if (n < n0) gw[n * K + k0 + k] += v[i];
       }
@@ -322,7 +328,7 @@ __device__ __forceinline__ void first_layer_backward(const FusedChainParams<scal
 
 // One block per grid slot walks the tiles blockIdx.x, blockIdx.x + gridDim.x, ...
 // partial: [gridDim.x, grad_offset[layers]] accumulators; loss_partial: [gridDim.x].
-template <typename scalar_t>
+template <typename scalar_t, int kFirstWidth>
 __global__ void __launch_bounds__(kChainThreads)
     fused_step_kernel(FusedChainParams<scalar_t> p, acc_t<scalar_t>* partial, acc_t<scalar_t>* loss_partial) {
   using acc = acc_t<scalar_t>;
@@ -340,7 +346,7 @@ __global__ void __launch_bounds__(kChainThreads)
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t r0 = t * kChainRows;
     const int rows = static_cast<int>(p.batch - r0 < kChainRows ? p.batch - r0 : kChainRows);
-    first_layer_forward(p, lay, s, r0, rows);
+    first_layer_forward<kFirstWidth>(p, lay, s, r0, rows);
     for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
     acc* g = s + lay.grad_a;
     acc* g_next = s + lay.grad_b;
@@ -351,7 +357,7 @@ __global__ void __launch_bounds__(kChainThreads)
       g = g_next;
       g_next = swap;
     }
-    if (p.lowest == 0) first_layer_backward(p, lay, s, grads, g, r0, rows);
+    if (p.lowest == 0) first_layer_backward<kFirstWidth>(p, lay, s, grads, g, r0, rows);
   }
 
   __syncthreads();
@@ -393,7 +399,7 @@ __global__ void __launch_bounds__(kChainThreads) fused_step_finish_kernel(FusedC
 
 // The chain's forward alone (fastmlp::mlp_forward): the same tile walk, every
 // layer's activations written out for the backward.
-template <typename scalar_t>
+template <typename scalar_t, int kFirstWidth>
 __global__ void __launch_bounds__(kChainThreads) fused_forward_kernel(FusedChainParams<scalar_t> p) {
   using acc = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -403,7 +409,7 @@ __global__ void __launch_bounds__(kChainThreads) fused_forward_kernel(FusedChain
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t r0 = t * kChainRows;
     const int rows = static_cast<int>(p.batch - r0 < kChainRows ? p.batch - r0 : kChainRows);
-    first_layer_forward(p, lay, s, r0, rows);
+    first_layer_forward<kFirstWidth>(p, lay, s, r0, rows);
     for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
     for (int l = 0; l < p.layers; ++l) {
       const acc* const act = s + lay.act[l];
@@ -412,6 +418,9 @@ __global__ void __launch_bounds__(kChainThreads) fused_forward_kernel(FusedChain
     }
   }
 }
+
+// Partial gradients up to this size cost next to nothing to write and sum.
+constexpr int64_t kSmallPartialBytes = 4 << 20;
 
 struct FusedChainPlan {
   int blocks = 0;
@@ -447,11 +456,14 @@ bool plan_fused_step(FusedChainParams<scalar_t>& p, int sm_count, size_t smem_op
   if (static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc) > budget) p.grads_in_smem = false;
   const size_t bytes = static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc);
   if (bytes > budget) return false;
-  // One block per SM at most (the accumulators fill its shared memory), and no
-  // more partials than keep their traffic under half the input's.
+  // One block per SM at most (the accumulators fill its shared memory), and,
+  // past a few MB of partials, no more than keep their traffic under half the
+  // input's.
   const int64_t tiles = ceil_div(p.batch, kChainRows);
   int64_t blocks = tiles < sm_count ? tiles : sm_count;
-  const int64_t by_traffic = p.batch * p.in_features / (2 * offset);
+  const int64_t by_input = p.batch * p.in_features / (2 * offset);
+  const int64_t by_size = kSmallPartialBytes / (offset * static_cast<int64_t>(sizeof(acc)));
+  const int64_t by_traffic = by_input > by_size ? by_input : by_size;
   if (blocks > by_traffic) blocks = by_traffic;
   plan->blocks = static_cast<int>(blocks < 1 ? 1 : blocks);
   plan->smem_bytes = bytes;
@@ -475,8 +487,10 @@ bool plan_fused_forward(FusedChainParams<scalar_t>& p, int sm_count, size_t smem
 
 template <typename scalar_t>
 void launch_fused_forward(const FusedChainParams<scalar_t>& p, const FusedChainPlan& plan, cudaStream_t stream) {
-  if (plan.smem_bytes > kDefaultDynamicSmem) allow_dynamic_smem(fused_forward_kernel<scalar_t>, plan.smem_bytes);
-  launch_kernel(fused_forward_kernel<scalar_t>, dim3(plan.blocks), dim3(kChainThreads), plan.smem_bytes, stream, p);
+  auto* const kernel = p.width[0] <= kNarrowFirst ? fused_forward_kernel<scalar_t, kNarrowFirst>
+                                                  : fused_forward_kernel<scalar_t, kChainMaxWidth>;
+  if (plan.smem_bytes > kDefaultDynamicSmem) allow_dynamic_smem(kernel, plan.smem_bytes);
+  launch_kernel(kernel, dim3(plan.blocks), dim3(kChainThreads), plan.smem_bytes, stream, p);
 }
 
 // Accumulator elements of workspace the launch needs.
@@ -487,9 +501,11 @@ template <typename scalar_t> int64_t fused_step_workspace_elems(const FusedChain
 template <typename scalar_t>
 void launch_fused_step(const FusedChainParams<scalar_t>& p, const FusedChainPlan& plan, acc_t<scalar_t>* workspace,
                        cudaStream_t stream) {
-  if (plan.smem_bytes > kDefaultDynamicSmem) allow_dynamic_smem(fused_step_kernel<scalar_t>, plan.smem_bytes);
+  auto* const kernel = p.width[0] <= kNarrowFirst ? fused_step_kernel<scalar_t, kNarrowFirst>
+                                                  : fused_step_kernel<scalar_t, kChainMaxWidth>;
+  if (plan.smem_bytes > kDefaultDynamicSmem) allow_dynamic_smem(kernel, plan.smem_bytes);
   acc_t<scalar_t>* const loss_partial = workspace + static_cast<int64_t>(plan.blocks) * p.grad_offset[p.layers];
-  launch_kernel(fused_step_kernel<scalar_t>, dim3(plan.blocks), dim3(kChainThreads), plan.smem_bytes, stream, p,
+  launch_kernel(kernel, dim3(plan.blocks), dim3(kChainThreads), plan.smem_bytes, stream, p,
                 workspace, loss_partial);
   const int64_t finish_blocks = ceil_div(p.grad_offset[p.layers], kChainThreads);
   launch_kernel(fused_step_finish_kernel<scalar_t>, dim3(static_cast<unsigned>(finish_blocks < 1024 ? finish_blocks : 1024)),
