@@ -34,10 +34,7 @@ def _log(msg: str) -> None:
 
 def _is_toolkit_root(path: str) -> bool:
     """A real CUDA toolkit root has nvcc, the runtime header and libcudart together."""
-    return all(
-        os.path.exists(os.path.join(path, p))
-        for p in ("bin/nvcc", "include/cuda_runtime.h")
-    ) and any(
+    return all(os.path.exists(os.path.join(path, p)) for p in ("bin/nvcc", "include/cuda_runtime.h")) and any(
         os.path.exists(os.path.join(path, lib, "libcudart.so")) for lib in ("lib64", "lib")
     )
 
@@ -79,9 +76,7 @@ def wheel_cuda_include_dirs() -> list[str]:
     dirs = []
     for base in nvidia.__path__:
         for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
-            if os.path.exists(os.path.join(inc, "cublas_v2.h")) or os.path.exists(
-                os.path.join(inc, "cusparse.h")
-            ):
+            if os.path.exists(os.path.join(inc, "cublas_v2.h")) or os.path.exists(os.path.join(inc, "cusparse.h")):
                 dirs.append(inc)
     return dirs
 

@@ -123,8 +123,9 @@ def test_bad_arguments() -> None:
 
 
 def test_state_dict_pickle_and_repr() -> None:
-    clf = FusedBCEClassifier(torch_fastmlp.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)),
-                             pos_weight=torch.tensor([2.0]))
+    clf = FusedBCEClassifier(
+        torch_fastmlp.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)), pos_weight=torch.tensor([2.0])
+    )
     assert list(clf.state_dict()) == ["pos_weight", "model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
     clone = pickle.loads(pickle.dumps(clf))
     x, y = torch.randn(5, 4), torch.rand(5, 1)

@@ -53,8 +53,10 @@ def _same_device(input: torch.Tensor, **others: object) -> None:
             if isinstance(u, torch.Tensor):
                 torch._check(
                     u.device == input.device,
-                    lambda name=name, u=u: f"fastmlp: expected {name} and input to be on the same device, "
-                    f"but got {u.device} and {input.device}",
+                    lambda name=name, u=u: (
+                        f"fastmlp: expected {name} and input to be on the same device, "
+                        f"but got {u.device} and {input.device}"
+                    ),
                 )
 
 
@@ -89,14 +91,10 @@ def _mlp_forward_fake(input, weights, biases, last_relu):
 
 
 @torch.library.register_fake("fastmlp::mlp_backward")
-def _mlp_backward_fake(
-    grad_output, input, weights, hidden, output, last_relu, input_grad, weight_mask, bias_mask
-):
+def _mlp_backward_fake(grad_output, input, weights, hidden, output, last_relu, input_grad, weight_mask, bias_mask):
     _same_device(input, grad_output=grad_output, weights=weights, hidden=hidden, output=output)
     grad_input = input.new_empty(input.shape) if input_grad else _empty(input)
-    grad_weights = [
-        input.new_empty(w.shape) if m else _empty(input) for w, m in zip(weights, weight_mask, strict=True)
-    ]
+    grad_weights = [input.new_empty(w.shape) if m else _empty(input) for w, m in zip(weights, weight_mask, strict=True)]
     grad_biases = [
         input.new_empty((w.shape[0],)) if m else _empty(input) for w, m in zip(weights, bias_mask, strict=True)
     ]

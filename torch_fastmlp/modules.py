@@ -79,6 +79,7 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
 
 # --- Sequential -----------------------------------------------------------------
 
+
 class _Chain:
     """A run of Linear(+ReLU) layers executed as one fused op."""
 
