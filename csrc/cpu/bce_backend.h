@@ -39,65 +39,69 @@ template <typename scalar_t> inline scalar_t* ptr_or_null(at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
-// A float weight / pos_weight pattern read 16 elements at a time: `ext` holds
-// the pattern followed by its first 16 values again, so the 16 values from any
-// offset are contiguous; the offset walks the pattern as the input advances.
-struct VecPattern {
-  const float* ext = nullptr;  // nullptr: all ones
+// A weight / pos_weight pattern read a vector (vec::Lanes<T>) at a time:
+// `ext` holds the pattern followed by its first kLanes values again, so the
+// values from any offset are contiguous; the offset walks the pattern as the
+// input advances.
+template <typename T> struct VecPattern {
+  static constexpr int kLanes = vec::Lanes<T>::count;
+  const T* ext = nullptr;  // nullptr: all ones
   int64_t period = 1;
 
   int64_t offset(int64_t i) const { return ext ? i % period : 0; }
   int64_t advance(int64_t o) const {
     if (!ext) return 0;
-    o += 16;
+    o += kLanes;
     return o < period ? o : o % period;
   }
-  vec::f32x16 at(int64_t o) const { return ext ? vec::load(ext + o) : vec::splat(1.0f); }
-  float scalar(int64_t i) const { return ext ? ext[i % period] : 1.0f; }
+  typename vec::Lanes<T>::vec at(int64_t o) const { return ext ? vec::load(ext + o) : vec::splat(T(1)); }
+  T scalar(int64_t i) const { return ext ? ext[i % period] : T(1); }
 };
 
 // `t`'s pattern extended for VecPattern (held by `storage`).
-inline VecPattern vec_pattern(const at::Tensor& t, std::vector<float>& storage) {
-  VecPattern p;
+template <typename T> VecPattern<T> vec_pattern(const at::Tensor& t, std::vector<T>& storage) {
+  VecPattern<T> p;
   if (!t.defined()) return p;
-  const float* data = t.const_data_ptr<float>();
+  const T* data = t.const_data_ptr<T>();
   p.period = t.numel();
-  storage.resize(p.period + 16);
-  for (int64_t j = 0; j < p.period + 16; ++j) storage[j] = data[j % p.period];
+  storage.resize(p.period + VecPattern<T>::kLanes);
+  for (int64_t j = 0; j < p.period + VecPattern<T>::kLanes; ++j) storage[j] = data[j % p.period];
   p.ext = storage.data();
   return p;
 }
 
-// The loss terms of float elements [begin, end), 16 lanes at a time
-// (vec_math.h), the tail in scalar code. Writes
-// the per-element loss (loss_out) and/or the scaled input gradient (grad_out)
-// when given; returns the sum of the loss terms, lanes added in a fixed order.
-FASTMLP_CPU_CLONES inline double bce_forward_f32(const float* x, const float* y, const VecPattern& w,
-                                                 const VecPattern& pw, float* loss_out, float* grad_out,
-                                                 float grad_scale, int64_t begin, int64_t end) {
+// The loss terms of elements [begin, end), a vector at a time (vec_math.h),
+// the tail in scalar code. Writes the per-element loss (loss_out) and/or the
+// scaled input gradient (grad_out) when given; returns the sum of the loss
+// terms, lanes added in a fixed order.
+template <typename T>
+FASTMLP_ALWAYS_INLINE double bce_forward_lanes(const T* x, const T* y, const VecPattern<T>& w, const VecPattern<T>& pw,
+                                               T* loss_out, T* grad_out, T grad_scale, int64_t begin, int64_t end) {
   using namespace vec;
-  f32x16 acc = splat(0.0f);
+  using V = typename Lanes<T>::vec;
+  constexpr int kLanes = Lanes<T>::count;
+  V acc = splat(T(0));
   int64_t i = begin;
   int64_t wo = w.offset(begin), pwo = pw.offset(begin);
-  for (; i + 16 <= end; i += 16, wo = w.advance(wo), pwo = pw.advance(pwo)) {
-    const f32x16 xv = load(x + i), yv = load(y + i);
-    const f32x16 wv = w.at(wo), pwv = pw.at(pwo);
-    const f32x16 ax = select(xv < 0.0f, -xv, xv);
-    const f32x16 e = exp_nonpositive(-ax);
-    const f32x16 sp = select(xv < 0.0f, -xv, splat(0.0f)) + log1p_unit(e);  // softplus(-x)
-    const f32x16 lw = (pwv - 1.0f) * yv + 1.0f;
-    const f32x16 loss = wv * ((1.0f - yv) * xv + lw * sp);
+  for (; i + kLanes <= end; i += kLanes, wo = w.advance(wo), pwo = pw.advance(pwo)) {
+    const V xv = load(x + i), yv = load(y + i);
+    const V wv = w.at(wo), pwv = pw.at(pwo);
+    const V ax = select(xv < T(0), -xv, xv);
+    const V e = exp_nonpositive(-ax);
+    const V sp = select(xv < T(0), -xv, splat(T(0))) + log1p_unit(e);  // softplus(-x)
+    const V lw = (pwv - T(1)) * yv + T(1);
+    const V loss = wv * ((T(1) - yv) * xv + lw * sp);
     acc += loss;
     if (loss_out) store(loss_out + i, loss);
     if (grad_out) {
-      const f32x16 sig_neg = select(xv >= 0.0f, e, splat(1.0f)) / (e + 1.0f);  // sigmoid(-x)
-      store(grad_out + i, wv * ((1.0f - yv) - lw * sig_neg) * grad_scale);
+      const V sig_neg = select(xv >= T(0), e, splat(T(1))) / (e + T(1));  // sigmoid(-x)
+      store(grad_out + i, wv * ((T(1) - yv) - lw * sig_neg) * grad_scale);
     }
   }
   double sum = 0;
-  for (int lane = 0; lane < 16; ++lane) sum += acc[lane];
+  for (int lane = 0; lane < kLanes; ++lane) sum += acc[lane];
   for (; i < end; ++i) {
-    const auto t = bce_terms<float>(x[i], y[i], w.scalar(i), pw.scalar(i));
+    const auto t = bce_terms<T>(x[i], y[i], w.scalar(i), pw.scalar(i));
     if (loss_out) loss_out[i] = t.loss;
     if (grad_out) grad_out[i] = t.grad_input * grad_scale;
     sum += t.loss;
@@ -105,26 +109,51 @@ FASTMLP_CPU_CLONES inline double bce_forward_f32(const float* x, const float* y,
   return sum;
 }
 
-// d loss / d input of float elements [begin, end) times the incoming gradient
-// (go[i], or go[0] for a reduced loss) and `scale`, 16 lanes at a time.
-FASTMLP_CPU_CLONES inline void bce_backward_f32(const float* x, const float* y, const float* go, bool reduced,
-                                                const VecPattern& w, const VecPattern& pw, float* grad_out,
-                                                float scale, int64_t begin, int64_t end) {
+// d loss / d input of elements [begin, end) times the incoming gradient (go[i],
+// or go[0] for a reduced loss) and `scale`, a vector at a time.
+template <typename T>
+FASTMLP_ALWAYS_INLINE void bce_backward_lanes(const T* x, const T* y, const T* go, bool reduced,
+                                              const VecPattern<T>& w, const VecPattern<T>& pw, T* grad_out, T scale,
+                                              int64_t begin, int64_t end) {
   using namespace vec;
+  using V = typename Lanes<T>::vec;
+  constexpr int kLanes = Lanes<T>::count;
   int64_t i = begin;
   int64_t wo = w.offset(begin), pwo = pw.offset(begin);
-  for (; i + 16 <= end; i += 16, wo = w.advance(wo), pwo = pw.advance(pwo)) {
-    const f32x16 xv = load(x + i), yv = load(y + i);
-    const f32x16 ax = select(xv < 0.0f, -xv, xv);
-    const f32x16 e = exp_nonpositive(-ax);
-    const f32x16 sig_neg = select(xv >= 0.0f, e, splat(1.0f)) / (e + 1.0f);  // sigmoid(-x)
-    const f32x16 lw = (pw.at(pwo) - 1.0f) * yv + 1.0f;
-    const f32x16 g = reduced ? splat(go[0]) : load(go + i);
-    store(grad_out + i, w.at(wo) * ((1.0f - yv) - lw * sig_neg) * (g * scale));
+  for (; i + kLanes <= end; i += kLanes, wo = w.advance(wo), pwo = pw.advance(pwo)) {
+    const V xv = load(x + i), yv = load(y + i);
+    const V ax = select(xv < T(0), -xv, xv);
+    const V e = exp_nonpositive(-ax);
+    const V sig_neg = select(xv >= T(0), e, splat(T(1))) / (e + T(1));  // sigmoid(-x)
+    const V lw = (pw.at(pwo) - T(1)) * yv + T(1);
+    const V g = reduced ? splat(go[0]) : load(go + i);
+    store(grad_out + i, w.at(wo) * ((T(1) - yv) - lw * sig_neg) * (g * scale));
   }
   for (; i < end; ++i) {
-    grad_out[i] = bce_terms<float>(x[i], y[i], w.scalar(i), pw.scalar(i)).grad_input * (go[reduced ? 0 : i] * scale);
+    grad_out[i] = bce_terms<T>(x[i], y[i], w.scalar(i), pw.scalar(i)).grad_input * (go[reduced ? 0 : i] * scale);
   }
+}
+
+// The entry points, compiled once per ISA (FASTMLP_CPU_CLONES).
+FASTMLP_CPU_CLONES inline double bce_forward_vec(const float* x, const float* y, const VecPattern<float>& w,
+                                                 const VecPattern<float>& pw, float* loss_out, float* grad_out,
+                                                 float grad_scale, int64_t begin, int64_t end) {
+  return bce_forward_lanes(x, y, w, pw, loss_out, grad_out, grad_scale, begin, end);
+}
+FASTMLP_CPU_CLONES inline double bce_forward_vec(const double* x, const double* y, const VecPattern<double>& w,
+                                                 const VecPattern<double>& pw, double* loss_out, double* grad_out,
+                                                 double grad_scale, int64_t begin, int64_t end) {
+  return bce_forward_lanes(x, y, w, pw, loss_out, grad_out, grad_scale, begin, end);
+}
+FASTMLP_CPU_CLONES inline void bce_backward_vec(const float* x, const float* y, const float* go, bool reduced,
+                                                const VecPattern<float>& w, const VecPattern<float>& pw,
+                                                float* grad_out, float scale, int64_t begin, int64_t end) {
+  bce_backward_lanes(x, y, go, reduced, w, pw, grad_out, scale, begin, end);
+}
+FASTMLP_CPU_CLONES inline void bce_backward_vec(const double* x, const double* y, const double* go, bool reduced,
+                                                const VecPattern<double>& w, const VecPattern<double>& pw,
+                                                double* grad_out, double scale, int64_t begin, int64_t end) {
+  bce_backward_lanes(x, y, go, reduced, w, pw, grad_out, scale, begin, end);
 }
 
 // The CPU backend of BceOps (see common/bce_ops.h).
@@ -147,10 +176,11 @@ struct CpuBceKernels {
       const opmath_t scale = reduction == kReductionMean ? opmath_t(1) / static_cast<opmath_t>(n) : opmath_t(1);
       const int64_t chunks = (n + kBceChunk - 1) / kBceChunk;
       std::vector<double> partial(chunks, 0.0);
-      // float: the vectorised loop (weight patterns copied once, extended for it).
-      constexpr bool vectorised = std::is_same_v<scalar_t, float>;
-      std::vector<float> w_ext, pw_ext;
-      VecPattern wv, pwv;
+      // float / double: the vectorised loop (weight patterns copied once, extended for it).
+      constexpr bool vectorised = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+      using lane_t = std::conditional_t<vectorised, scalar_t, float>;
+      std::vector<lane_t> w_ext, pw_ext;
+      VecPattern<lane_t> wv, pwv;
       if constexpr (vectorised) {
         wv = vec_pattern(w, w_ext);
         pwv = vec_pattern(pw, pw_ext);
@@ -159,10 +189,10 @@ struct CpuBceKernels {
       at::parallel_for(0, chunks, 16, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
           const int64_t end = std::min(n, (chunk + 1) * kBceChunk);
-          if constexpr (vectorised) {  // scalar_t is float: the casts are identities
-            partial[chunk] = bce_forward_f32(reinterpret_cast<const float*>(xp), reinterpret_cast<const float*>(yp),
-                                             wv, pwv, reinterpret_cast<float*>(lp), reinterpret_cast<float*>(gp),
-                                             static_cast<float>(scale), chunk * kBceChunk, end);
+          if constexpr (vectorised) {  // lane_t is scalar_t: the casts are identities
+            partial[chunk] = bce_forward_vec(reinterpret_cast<const lane_t*>(xp), reinterpret_cast<const lane_t*>(yp),
+                                             wv, pwv, reinterpret_cast<lane_t*>(lp), reinterpret_cast<lane_t*>(gp),
+                                             static_cast<lane_t>(scale), chunk * kBceChunk, end);
             continue;
           }
           double acc = 0;  // as torch's sum, closer than a float running sum
@@ -198,15 +228,16 @@ struct CpuBceKernels {
       scalar_t* gtp = ptr_or_null<scalar_t>(grad_target);
       const opmath_t mean_scale =
           reduction == kReductionMean ? opmath_t(1) / static_cast<opmath_t>(n) : opmath_t(1);
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      constexpr bool vectorised = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+      if constexpr (vectorised) {
         if (gtp == nullptr) {  // the input gradient alone: the vectorised loop
-          std::vector<float> w_ext, pw_ext;
-          const VecPattern wv = vec_pattern(w, w_ext), pwv = vec_pattern(pw, pw_ext);
+          using lane_t = std::conditional_t<vectorised, scalar_t, float>;  // scalar_t: the casts are identities
+          std::vector<lane_t> w_ext, pw_ext;
+          const VecPattern<lane_t> wv = vec_pattern(w, w_ext), pwv = vec_pattern(pw, pw_ext);
           at::parallel_for(0, n, kBceChunk, [&](int64_t begin, int64_t end) {
-            // scalar_t is float: the casts are identities
-            bce_backward_f32(reinterpret_cast<const float*>(xp), reinterpret_cast<const float*>(yp),
-                             reinterpret_cast<const float*>(gop), reduced, wv, pwv, reinterpret_cast<float*>(gip),
-                             static_cast<float>(mean_scale), begin, end);
+            bce_backward_vec(reinterpret_cast<const lane_t*>(xp), reinterpret_cast<const lane_t*>(yp),
+                             reinterpret_cast<const lane_t*>(gop), reduced, wv, pwv, reinterpret_cast<lane_t*>(gip),
+                             static_cast<lane_t>(mean_scale), begin, end);
           });
           return;
         }

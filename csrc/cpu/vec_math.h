@@ -1,8 +1,8 @@
-// Vectorised float exp / log1p for the BCE kernel, on GCC vector types (one
-// 512-bit vector, split by the compiler for narrower ISAs). Scalar libm calls
-// do not vectorise without -ffast-math, which would break NaN semantics.
-// Accuracy: a few ulp over the ranges the BCE kernel uses (exp of x <= 0,
-// log1p of e in [0, 1]); checked against torch in tests/test_bce.py.
+// Vectorised exp / log1p for the BCE kernel, float and double, on GCC vector
+// types (one 512-bit vector, split by the compiler for narrower ISAs). Scalar
+// libm calls do not vectorise without -ffast-math, which would break NaN
+// semantics. Accuracy: a few ulp over the ranges the BCE kernel uses (exp of
+// x <= 0, log1p of e in [0, 1]); checked against torch in tests/test_bce.py.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -15,18 +15,36 @@ namespace fastmlp::cpu::vec {
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef int64_t i64x8 __attribute__((vector_size(64)));
 
-inline __attribute__((always_inline)) f32x16 splat(float v) { return f32x16{} + v; }
+// The 64-byte vector of T and its lane count.
+template <typename T> struct Lanes;
+template <> struct Lanes<float> {
+  using vec = f32x16;
+  static constexpr int count = 16;
+};
+template <> struct Lanes<double> {
+  using vec = f64x8;
+  static constexpr int count = 8;
+};
 
-inline __attribute__((always_inline)) f32x16 load(const float* p) {
-  f32x16 v;
+template <typename T> inline __attribute__((always_inline)) typename Lanes<T>::vec splat(T v) {
+  return typename Lanes<T>::vec{} + v;
+}
+
+template <typename T> inline __attribute__((always_inline)) typename Lanes<T>::vec load(const T* p) {
+  typename Lanes<T>::vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline __attribute__((always_inline)) void store(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename T> inline __attribute__((always_inline)) void store(T* p, typename Lanes<T>::vec v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
-inline __attribute__((always_inline)) f32x16 select(i32x16 mask, f32x16 a, f32x16 b) {  // mask lanes are 0 or -1
+// mask lanes are 0 or -1 (a vector comparison's result)
+template <typename M, typename V> inline __attribute__((always_inline)) V select(M mask, V a, V b) {
   return mask ? a : b;
 }
 
@@ -83,6 +101,74 @@ inline __attribute__((always_inline)) f32x16 log_1_to_2(f32x16 u) {
 inline __attribute__((always_inline)) f32x16 log1p_unit(f32x16 e) {
   const f32x16 u = e + 1.0f;
   const f32x16 lost = e - (u - 1.0f);
+  return log_1_to_2(u) + lost / u;
+}
+
+// exp(x) for x <= 0 in double (Cody-Waite reduction with ln2 in two parts,
+// Taylor polynomial of degree 13 on [-ln2/2, ln2/2]: the next term is below
+// 5e-18); flushes to 0 below -708 (past it the result leaves the normal range).
+// NaN -> NaN.
+inline __attribute__((always_inline)) f64x8 exp_nonpositive(f64x8 x) {
+  const f64x8 lo = splat(-708.0);
+  const i64x8 under = x < lo;
+  x = select(under, lo, x);
+  const f64x8 magic = splat(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
+  const f64x8 t = x * 1.4426950408889634 + magic;
+  const f64x8 n = t - magic;  // round(x / ln2)
+  f64x8 r = x - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  f64x8 p = splat(1.0 / 6227020800.0);  // 1 / 13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r * r + r + 1.0;
+  // p * 2^n: n (>= -1021 after the clamp) added to the exponent field; the low
+  // bits of t hold n, as t and magic share their exponent.
+  i64x8 t_bits, magic_bits, bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
+  std::memcpy(&magic_bits, &magic, sizeof(magic_bits));
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += (t_bits - magic_bits) << 52;
+  f64x8 out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return select(under, splat(0.0), out);
+}
+
+// log(u) for u in [1, 2] in double: u reduced to m in [sqrt(1/2), sqrt(2)],
+// log(m) = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.172: the odd series
+// to s^23 (the next term is below 1e-18 of the sum).
+inline __attribute__((always_inline)) f64x8 log_1_to_2(f64x8 u) {
+  const i64x8 big = u > 1.4142135623730951;
+  const f64x8 m = select(big, u * 0.5, u);
+  const f64x8 k = select(big, splat(1.0), splat(0.0));
+  const f64x8 s = (m - 1.0) / (m + 1.0);
+  const f64x8 z = s * s;
+  f64x8 p = splat(1.0 / 23);
+  p = p * z + 1.0 / 21;
+  p = p * z + 1.0 / 19;
+  p = p * z + 1.0 / 17;
+  p = p * z + 1.0 / 15;
+  p = p * z + 1.0 / 13;
+  p = p * z + 1.0 / 11;
+  p = p * z + 1.0 / 9;
+  p = p * z + 1.0 / 7;
+  p = p * z + 1.0 / 5;
+  p = p * z + 1.0 / 3;
+  const f64x8 two_s = s + s;
+  return k * 6.93147180369123816490e-01 + (two_s + two_s * z * p + k * 1.90821492927058770002e-10);
+}
+
+inline __attribute__((always_inline)) f64x8 log1p_unit(f64x8 e) {
+  const f64x8 u = e + 1.0;
+  const f64x8 lost = e - (u - 1.0);
   return log_1_to_2(u) + lost / u;
 }
 
