@@ -676,6 +676,8 @@ STEP_CASES = {
     "deep, several tiles per block": (300, [40, 16, 8, 3], 2, H100_SMEM_OPTIN),
     "grads in global memory": (150, [700, 33, 5], 3, 100 * 1024),
     "one layer": (65, [9, 4], SM_COUNT, H100_SMEM_OPTIN),
+    "odd widths, a one-row last tile": (129, [37, 31, 7, 3], SM_COUNT, H100_SMEM_OPTIN),
+    "eight layers": (70, [12, 9, 8, 7, 6, 5, 4, 3, 2], 2, H100_SMEM_OPTIN),
 }
 
 

@@ -22,6 +22,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <algorithm>
+
 #include "common/math.h"
 #include "cuda/bce.cuh"
 #include "cuda/gemm.cuh"
@@ -69,22 +71,30 @@ template <typename scalar_t> struct FusedChainParams {
   // contiguous [batch, width[l]].
   scalar_t* activation[kChainMaxLayers] = {};
   bool forward_only = false;
-  // Set by plan_fused_step: where layer l's weight gradient starts in a block's
-  // partial gradients (its bias gradient follows); the total at [layers].
+  // Set by plan_fused_step: a block's partial gradients hold, layer by layer,
+  // the weight gradient (if asked for) from grad_offset[l], then the bias
+  // gradient (if asked for) from bias_offset[l]; the total at grad_offset[layers].
   int64_t grad_offset[kChainMaxLayers + 1] = {};
+  int64_t bias_offset[kChainMaxLayers] = {};
   bool grads_in_smem = false;
 
   FASTMLP_HD int64_t fan_in(int l) const { return l == 0 ? in_features : width[l - 1]; }
   FASTMLP_HD bool relu_after(int l) const { return l + 1 < layers || last_relu; }
 };
 
+// Row pitch of a shared-memory row of `width` values: odd, so threads walking
+// down a column hit distinct banks.
+FASTMLP_HD int pitch_of(int width) { return width | 1; }
+constexpr int kXPitch = kChainChunk + 1;
+
 // Offsets (in accumulator elements) of the kernel's dynamic shared memory.
 struct ChainSmemLayout {
-  int64_t grads = 0;                  // the block's gradient accumulators (grads_in_smem)
-  int64_t act[kChainMaxLayers] = {};   // layer outputs, [kChainRows, width[l]]
-  int64_t grad_a = 0, grad_b = 0;     // ping-pong gradients, [kChainRows, max width]
-  int64_t x_tile = 0;                 // [kChainRows, kChainChunk + 1] input chunk
-  int64_t w_tile = 0;                 // [kChainChunk, width[0] + 1] first-layer weight chunk
+  int64_t grads = 0;                   // the block's gradient accumulators (grads_in_smem)
+  int64_t act[kChainMaxLayers] = {};   // layer outputs, [kChainRows, pitch_of(width[l])]
+  int64_t grad_a = 0, grad_b = 0;      // ping-pong gradients, rows of the layer's pitch
+  int64_t x_tile = 0;                  // [kChainRows, kXPitch] input chunk
+  int64_t w_tile = 0;                  // [kChainChunk, pitch_of(width[0])] first-layer weight chunk
+  int64_t scratch = 0;                 // [kChainThreads] for block_sum (the step kernel)
   int64_t total = 0;
 };
 
@@ -93,18 +103,19 @@ FASTMLP_HD int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
 template <typename scalar_t> FASTMLP_HD ChainSmemLayout chain_smem_layout(const FusedChainParams<scalar_t>& p) {
   ChainSmemLayout s;
   int64_t at = p.grads_in_smem ? round_up4(p.grad_offset[p.layers]) : 0;
-  int max_width = 0;
+  int max_pitch = 0;
   for (int l = 0; l < p.layers; ++l) {
     s.act[l] = at;
-    at += round_up4(static_cast<int64_t>(kChainRows) * p.width[l]);
-    if (p.width[l] > max_width) max_width = p.width[l];
+    at += round_up4(static_cast<int64_t>(kChainRows) * pitch_of(p.width[l]));
+    if (pitch_of(p.width[l]) > max_pitch) max_pitch = pitch_of(p.width[l]);
   }
-  const int64_t grad_elems = p.forward_only ? 0 : round_up4(static_cast<int64_t>(kChainRows) * max_width);
+  const int64_t grad_elems = p.forward_only ? 0 : round_up4(static_cast<int64_t>(kChainRows) * max_pitch);
   s.grad_a = at;
   s.grad_b = at + grad_elems;
   s.x_tile = s.grad_b + grad_elems;
-  s.w_tile = s.x_tile + round_up4(static_cast<int64_t>(kChainRows) * (kChainChunk + 1));
-  s.total = s.w_tile + round_up4(static_cast<int64_t>(kChainChunk) * (p.width[0] + 1));
+  s.w_tile = s.x_tile + round_up4(static_cast<int64_t>(kChainRows) * kXPitch);
+  s.scratch = s.w_tile + round_up4(static_cast<int64_t>(kChainChunk) * pitch_of(p.width[0]));
+  s.total = s.scratch + (p.forward_only ? 0 : kChainThreads);
   return s;
 }
 
@@ -113,10 +124,12 @@ template <typename scalar_t>
 __device__ __forceinline__ void stage_input_chunk(const FusedChainParams<scalar_t>& p, acc_t<scalar_t>* xs, int64_t r0,
                                                   int rows, int64_t k0) {
   using acc = acc_t<scalar_t>;
+  // Walk along the input's unit stride, so the loads coalesce.
+  const bool k_fastest = p.input.col_stride == 1 || p.input.row_stride != 1;
   for (int e = threadIdx.x; e < kChainRows * kChainChunk; e += kChainThreads) {
-    const int r = e / kChainChunk, k = e % kChainChunk;
-    xs[r * (kChainChunk + 1) + k] =
-        r < rows && k0 + k < p.in_features ? static_cast<acc>(p.input.at(r0 + r, k0 + k)) : acc(0);
+    const int r = k_fastest ? e / kChainChunk : e % kChainRows;
+    const int k = k_fastest ? e % kChainChunk : e / kChainRows;
+    xs[r * kXPitch + k] = r < rows && k0 + k < p.in_features ? static_cast<acc>(p.input.at(r0 + r, k0 + k)) : acc(0);
   }
 }
 
@@ -129,7 +142,7 @@ __device__ __forceinline__ void stage_weight_chunk(const FusedChainParams<scalar
   const int64_t K = p.in_features;
   for (int e = threadIdx.x; e < n0 * kChainChunk; e += kChainThreads) {
     const int n = e / kChainChunk, k = e % kChainChunk;
-    ws[k * (n0 + 1) + n] = k0 + k < K ? static_cast<acc>(p.weight[0][n * K + k0 + k]) : acc(0);
+    ws[k * pitch_of(n0) + n] = k0 + k < K ? static_cast<acc>(p.weight[0][n * K + k0 + k]) : acc(0);
   }
 }
 
@@ -140,7 +153,7 @@ __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scala
   using acc = acc_t<scalar_t>;
   constexpr int kCols = kFirstWidth / kChainGridX;
   const int tx = threadIdx.x % kChainGridX, ty = threadIdx.x / kChainGridX;
-  const int n0 = p.width[0];
+  const int n0 = p.width[0], pitch = pitch_of(n0);
   acc* const xs = s + lay.x_tile;
   acc* const ws = s + lay.w_tile;
   acc sum[kChainRowsPerThread][kCols];
@@ -158,11 +171,11 @@ __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scala
     for (int k = 0; k < kChainChunk; ++k) {
       acc a[kChainRowsPerThread], b[kCols];
 #pragma unroll
-      for (int i = 0; i < kChainRowsPerThread; ++i) a[i] = xs[(ty + i * (kChainThreads / kChainGridX)) * (kChainChunk + 1) + k];
+      for (int i = 0; i < kChainRowsPerThread; ++i) a[i] = xs[(ty + i * (kChainThreads / kChainGridX)) * kXPitch + k];
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
         const int n = tx + j * kChainGridX;
-        b[j] = n < n0 ? ws[k * (n0 + 1) + n] : acc(0);
+        b[j] = n < n0 ? ws[k * pitch + n] : acc(0);
       }
 #pragma unroll
       for (int i = 0; i < kChainRowsPerThread; ++i)
@@ -181,7 +194,7 @@ __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scala
       if (r >= rows || n >= n0) continue;
       acc v = sum[i][j];
       if (p.bias[0] != nullptr) v += static_cast<acc>(p.bias[0][n]);
-      out[r * n0 + n] = relu ? fastmlp::relu(v) : v;
+      out[r * pitch + n] = relu ? fastmlp::relu(v) : v;
     }
   }
   __syncthreads();
@@ -193,6 +206,7 @@ __device__ __forceinline__ void hidden_layer_forward(const FusedChainParams<scal
                                                      acc_t<scalar_t>* s, int l, int rows) {
   using acc = acc_t<scalar_t>;
   const int n_out = p.width[l], n_in = p.width[l - 1];
+  const int in_pitch = pitch_of(n_in), out_pitch = pitch_of(n_out);
   const acc* const in = s + lay.act[l - 1];
   acc* const out = s + lay.act[l];
   const scalar_t* const w = p.weight[l];
@@ -200,9 +214,9 @@ __device__ __forceinline__ void hidden_layer_forward(const FusedChainParams<scal
   for (int e = threadIdx.x; e < rows * n_out; e += kChainThreads) {
     const int r = e / n_out, n = e % n_out;
     acc v = acc(0);
-    for (int k = 0; k < n_in; ++k) v += in[r * n_in + k] * static_cast<acc>(w[n * n_in + k]);
+    for (int k = 0; k < n_in; ++k) v += in[r * in_pitch + k] * static_cast<acc>(w[n * n_in + k]);
     if (p.bias[l] != nullptr) v += static_cast<acc>(p.bias[l][n]);
-    out[e] = relu ? fastmlp::relu(v) : v;
+    out[r * out_pitch + n] = relu ? fastmlp::relu(v) : v;
   }
   __syncthreads();
 }
@@ -214,15 +228,16 @@ __device__ __forceinline__ acc_t<scalar_t> loss_and_logits_grad(const FusedChain
                                                                 const ChainSmemLayout& lay, acc_t<scalar_t>* s,
                                                                 acc_t<scalar_t>* g, int64_t r0, int rows) {
   using acc = acc_t<scalar_t>;
-  const int n_out = p.width[p.layers - 1];
+  const int n_out = p.width[p.layers - 1], pitch = pitch_of(n_out);
   const acc* const out = s + lay.act[p.layers - 1];
   acc sum = acc(0);
   for (int e = threadIdx.x; e < rows * n_out; e += kChainThreads) {
     const int64_t idx = r0 * n_out + e;
-    const auto t = fastmlp::bce_terms<acc>(out[e], static_cast<acc>(p.target[idx]), p.loss_weight.at(idx),
+    const int at = e / n_out * pitch + e % n_out;
+    const auto t = fastmlp::bce_terms<acc>(out[at], static_cast<acc>(p.target[idx]), p.loss_weight.at(idx),
                                            p.pos_weight.at(idx));
     sum += t.loss;
-    g[e] = p.last_relu && !fastmlp::relu_passes(out[e]) ? acc(0) : t.grad_input * p.scale;
+    g[at] = p.last_relu && !fastmlp::relu_passes(out[at]) ? acc(0) : t.grad_input * p.scale;
   }
   __syncthreads();
   return sum;
@@ -236,21 +251,22 @@ __device__ __forceinline__ void hidden_layer_backward(const FusedChainParams<sca
                                                       const acc_t<scalar_t>* g, acc_t<scalar_t>* g_next, int rows) {
   using acc = acc_t<scalar_t>;
   const int n_out = p.width[l], n_in = p.width[l - 1];
+  const int g_pitch = pitch_of(n_out), in_pitch = pitch_of(n_in);
   const acc* const in = s + lay.act[l - 1];
-  acc* const gw = grads + p.grad_offset[l];
-  acc* const gb = gw + static_cast<int64_t>(n_out) * n_in;
   if (p.grad_weight[l] != nullptr) {
+    acc* const gw = grads + p.grad_offset[l];
     for (int e = threadIdx.x; e < n_out * n_in; e += kChainThreads) {
       const int n = e / n_in, k = e % n_in;
       acc v = acc(0);
-      for (int r = 0; r < rows; ++r) v += g[r * n_out + n] * in[r * n_in + k];
+      for (int r = 0; r < rows; ++r) v += g[r * g_pitch + n] * in[r * in_pitch + k];
       gw[e] += v;
     }
   }
   if (p.grad_bias[l] != nullptr) {
+    acc* const gb = grads + p.bias_offset[l];
     for (int n = threadIdx.x; n < n_out; n += kChainThreads) {
       acc v = acc(0);
-      for (int r = 0; r < rows; ++r) v += g[r * n_out + n];
+      for (int r = 0; r < rows; ++r) v += g[r * g_pitch + n];
       gb[n] += v;
     }
   }
@@ -259,8 +275,9 @@ __device__ __forceinline__ void hidden_layer_backward(const FusedChainParams<sca
     for (int e = threadIdx.x; e < rows * n_in; e += kChainThreads) {
       const int r = e / n_in, k = e % n_in;
       acc v = acc(0);
-      for (int n = 0; n < n_out; ++n) v += g[r * n_out + n] * static_cast<acc>(w[n * n_in + k]);
-      g_next[e] = fastmlp::relu_passes(in[e]) ? v : acc(0);
+      for (int n = 0; n < n_out; ++n) v += g[r * g_pitch + n] * static_cast<acc>(w[n * n_in + k]);
+      const int at = r * in_pitch + k;
+      g_next[at] = fastmlp::relu_passes(in[at]) ? v : acc(0);
     }
   }
   __syncthreads();
@@ -274,14 +291,14 @@ __device__ __forceinline__ void first_layer_backward(const FusedChainParams<scal
                                                      const acc_t<scalar_t>* g, int64_t r0, int rows) {
   using acc = acc_t<scalar_t>;
   constexpr int kOwned = kFirstWidth / kChainGroups;
-  const int n0 = p.width[0];
+  const int n0 = p.width[0], pitch = pitch_of(n0);
   const int64_t K = p.in_features;
   acc* const gw = grads + p.grad_offset[0];
   if (p.grad_bias[0] != nullptr) {
-    acc* const gb = gw + n0 * K;
+    acc* const gb = grads + p.bias_offset[0];
     for (int n = threadIdx.x; n < n0; n += kChainThreads) {
       acc v = acc(0);
-      for (int r = 0; r < rows; ++r) v += g[r * n0 + n];
+      for (int r = 0; r < rows; ++r) v += g[r * pitch + n];
       gb[n] += v;
     }
   }
@@ -301,11 +318,11 @@ __device__ __forceinline__ void first_layer_backward(const FusedChainParams<scal
 #pragma unroll
       for (int i = 0; i < kOwned; ++i) v[i] = acc(0);
       for (int r = 0; r < rows; ++r) {
-        const acc x = xs[r * (kChainChunk + 1) + k];
+        const acc x = xs[r * kXPitch + k];
 #pragma unroll
         for (int i = 0; i < kOwned; ++i) {
           const int n = group + i * kChainGroups;
-          if (n < n0) v[i] += g[r * n0 + n] * x;
+          if (n < n0) v[i] += g[r * pitch + n] * x;
         }
       }
 #pragma unroll
@@ -319,7 +336,7 @@ __device__ __forceinline__ void first_layer_backward(const FusedChainParams<scal
         const int r = e / kChainChunk, kk = e % kChainChunk;
         if (k0 + kk >= K) continue;
         acc v = acc(0);
-        for (int n = 0; n < n0; ++n) v += g[r * n0 + n] * ws[kk * (n0 + 1) + n];
+        for (int n = 0; n < n0; ++n) v += g[r * pitch + n] * ws[kk * pitch + n];
         p.grad_input[(r0 + r) * K + k0 + kk] = static_cast<scalar_t>(v);
       }
     }
@@ -333,7 +350,6 @@ __global__ void __launch_bounds__(kChainThreads)
     fused_step_kernel(FusedChainParams<scalar_t> p, acc_t<scalar_t>* partial, acc_t<scalar_t>* loss_partial) {
   using acc = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ acc scratch[kChainThreads];
   acc* const s = reinterpret_cast<acc*>(smem);
   const ChainSmemLayout lay = chain_smem_layout(p);
   const int64_t total_grads = p.grad_offset[p.layers];
@@ -364,7 +380,7 @@ __global__ void __launch_bounds__(kChainThreads)
   if (p.grads_in_smem) {
     for (int64_t i = threadIdx.x; i < total_grads; i += kChainThreads) block_partial[i] = grads[i];
   }
-  const acc block_loss = block_sum(loss_sum, scratch);
+  const acc block_loss = block_sum(loss_sum, s + lay.scratch);
   if (threadIdx.x == 0) loss_partial[blockIdx.x] = block_loss;
 }
 
@@ -380,11 +396,9 @@ __global__ void __launch_bounds__(kChainThreads) fused_step_finish_kernel(FusedC
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kChainThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kChainThreads + threadIdx.x; i < total; i += stride) {
     int l = 0;
-    while (i >= p.grad_offset[l + 1]) ++l;
-    const int64_t j = i - p.grad_offset[l], weight_elems = p.width[l] * p.fan_in(l);
-    scalar_t* const dst = j < weight_elems ? (p.grad_weight[l] ? p.grad_weight[l] + j : nullptr)
-                                           : (p.grad_bias[l] ? p.grad_bias[l] + (j - weight_elems) : nullptr);
-    if (dst == nullptr) continue;
+    while (i >= p.grad_offset[l + 1]) ++l;  // only gradients asked for have slots
+    scalar_t* const dst =
+        i < p.bias_offset[l] ? p.grad_weight[l] + (i - p.grad_offset[l]) : p.grad_bias[l] + (i - p.bias_offset[l]);
     acc v = acc(0);
     for (int b = 0; b < blocks; ++b) v += partial[b * total + i];
     *dst = static_cast<scalar_t>(v);
@@ -413,14 +427,19 @@ __global__ void __launch_bounds__(kChainThreads) fused_forward_kernel(FusedChain
     for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
     for (int l = 0; l < p.layers; ++l) {
       const acc* const act = s + lay.act[l];
-      scalar_t* const dst = p.activation[l] + r0 * p.width[l];
-      for (int e = threadIdx.x; e < rows * p.width[l]; e += kChainThreads) dst[e] = static_cast<scalar_t>(act[e]);
+      const int width = p.width[l], pitch = pitch_of(width);
+      scalar_t* const dst = p.activation[l] + r0 * width;
+      for (int e = threadIdx.x; e < rows * width; e += kChainThreads) {
+        dst[e] = static_cast<scalar_t>(act[e / width * pitch + e % width]);
+      }
     }
   }
 }
 
 // Partial gradients up to this size cost next to nothing to write and sum.
 constexpr int64_t kSmallPartialBytes = 4 << 20;
+// The most workspace the partials may take (one block's worth at least).
+constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
 
 struct FusedChainPlan {
   int blocks = 0;
@@ -446,24 +465,27 @@ bool plan_fused_step(FusedChainParams<scalar_t>& p, int sm_count, size_t smem_op
   int64_t offset = 0;
   for (int l = 0; l < p.layers; ++l) {
     p.grad_offset[l] = offset;
-    offset += p.width[l] * (p.fan_in(l) + 1);
+    if (p.grad_weight[l] != nullptr) offset += p.width[l] * p.fan_in(l);
+    p.bias_offset[l] = offset;
+    if (p.grad_bias[l] != nullptr) offset += p.width[l];
   }
   p.grad_offset[p.layers] = offset;
-  // The kernel's static shared memory (block_sum's scratch) comes off the budget.
-  const size_t budget = smem_optin - kChainThreads * sizeof(acc);
   p.forward_only = false;
   p.grads_in_smem = true;
-  if (static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc) > budget) p.grads_in_smem = false;
+  if (static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc) > smem_optin) p.grads_in_smem = false;
   const size_t bytes = static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc);
-  if (bytes > budget) return false;
+  if (bytes > smem_optin) return false;
   // One block per SM at most (the accumulators fill its shared memory), and,
   // past a few MB of partials, no more than keep their traffic under half the
   // input's.
   const int64_t tiles = ceil_div(p.batch, kChainRows);
   int64_t blocks = tiles < sm_count ? tiles : sm_count;
-  const int64_t by_input = p.batch * p.in_features / (2 * offset);
-  const int64_t by_size = kSmallPartialBytes / (offset * static_cast<int64_t>(sizeof(acc)));
-  const int64_t by_traffic = by_input > by_size ? by_input : by_size;
+  const int64_t slots = offset > 0 ? offset : 1;  // none: the loss alone
+  const int64_t by_input = p.batch * p.in_features / (2 * slots);
+  const int64_t by_size = kSmallPartialBytes / (slots * static_cast<int64_t>(sizeof(acc)));
+  int64_t by_traffic = by_input > by_size ? by_input : by_size;
+  const int64_t by_memory = kMaxPartialBytes / (slots * static_cast<int64_t>(sizeof(acc)));
+  if (by_traffic > by_memory) by_traffic = by_memory;  // a very wide first layer: bound the workspace
   if (blocks > by_traffic) blocks = by_traffic;
   plan->blocks = static_cast<int>(blocks < 1 ? 1 : blocks);
   plan->smem_bytes = bytes;
@@ -507,7 +529,8 @@ void launch_fused_step(const FusedChainParams<scalar_t>& p, const FusedChainPlan
   acc_t<scalar_t>* const loss_partial = workspace + static_cast<int64_t>(plan.blocks) * p.grad_offset[p.layers];
   launch_kernel(kernel, dim3(plan.blocks), dim3(kChainThreads), plan.smem_bytes, stream, p,
                 workspace, loss_partial);
-  const int64_t finish_blocks = ceil_div(p.grad_offset[p.layers], kChainThreads);
+  // At least one block: block 0 also sums the loss.
+  const int64_t finish_blocks = std::max<int64_t>(1, ceil_div(p.grad_offset[p.layers], kChainThreads));
   launch_kernel(fused_step_finish_kernel<scalar_t>, dim3(static_cast<unsigned>(finish_blocks < 1024 ? finish_blocks : 1024)),
                 dim3(kChainThreads), 0, stream, p, static_cast<const acc_t<scalar_t>*>(workspace),
                 static_cast<const acc_t<scalar_t>*>(loss_partial), plan.blocks);

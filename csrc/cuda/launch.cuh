@@ -5,6 +5,8 @@
 #pragma once
 #include <stddef.h>
 
+#include <map>
+#include <mutex>
 #include <utility>
 
 #if defined(__CUDACC__)
@@ -19,8 +21,17 @@ namespace fastmlp::cuda {
 // Dynamic shared memory a kernel may use without opting in.
 constexpr size_t kDefaultDynamicSmem = 48 * 1024;
 
-// Opts `kernel` in to `bytes` of dynamic shared memory (above kDefaultDynamicSmem).
+// Opts `kernel` in to `bytes` of dynamic shared memory (above
+// kDefaultDynamicSmem) on the current device. The driver call is made only
+// when the kernel's allowance on that device has to grow.
 template <typename... KernelArgs> inline void allow_dynamic_smem(void (*kernel)(KernelArgs...), size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  int device = 0;
+  cudaGetDevice(&device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = allowed[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= current) return;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 #if defined(__CUDACC__)
@@ -28,6 +39,7 @@ template <typename... KernelArgs> inline void allow_dynamic_smem(void (*kernel)(
 #else
   if (err != cudaSuccess) throw ::fastmlp_emu::Error("fastmlp_emu: cudaFuncSetAttribute failed");
 #endif
+  current = bytes;
 }
 
 template <typename... KernelArgs, typename... Args>

@@ -57,13 +57,14 @@ StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorLis
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastmlp_mlp_bce_step_cuda", [&] {
     using acc = acc_t<scalar_t>;
     FusedChainParams<scalar_t> p = fused_step_params_of<scalar_t>(input, y, chain, last_relu, lw, pw, reduction);
-    FusedChainPlan plan;
-    if (!plan_fused_step(p, props->multiProcessorCount, props->sharedMemPerBlockOptin, &plan)) return;
-    fused = true;
+    // The plan lays out slots for the gradients asked for: outputs first.
     FusedStepOutputs o = fused_step_outputs(p, input, chain.weights, input_grad, weight_mask, bias_mask,
                                             [](at::IntArrayRef shape, const at::TensorOptions& opts) {
                                               return at::empty(shape, opts);
                                             });
+    FusedChainPlan plan;
+    if (!plan_fused_step(p, props->multiProcessorCount, props->sharedMemPerBlockOptin, &plan)) return;
+    fused = true;
     result = {o.loss, o.grad_input, o.grad_weight, o.grad_bias};
     at::Tensor workspace = at::empty({fused_step_workspace_elems(p, plan.blocks)},
                                      input.options().dtype(c10::CppTypeToScalarType<acc>::value));

@@ -334,12 +334,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     using acc = fastmlp::acc_t<scalar_t>;
     fc::FusedChainParams<scalar_t> p =
         fc::fused_step_params_of<scalar_t>(input, target, chain, last_relu, lw, pw, reduction);
-    fc::FusedChainPlan plan;
-    if (!fc::plan_fused_step(p, static_cast<int>(sm_count), static_cast<size_t>(smem_optin), &plan)) return;
     fc::FusedStepOutputs o = fc::fused_step_outputs(p, input, chain.weights, input_grad, weight_mask, bias_mask,
                                                     [](at::IntArrayRef shape, const at::TensorOptions& opts) {
                                                       return empty_output(shape, opts);
                                                     });
+    fc::FusedChainPlan plan;
+    if (!fc::plan_fused_step(p, static_cast<int>(sm_count), static_cast<size_t>(smem_optin), &plan)) return;
     at::Tensor ws = empty_output({fc::fused_step_workspace_elems(p, plan.blocks)},
                                  input.options().dtype(c10::CppTypeToScalarType<acc>::value));
     Device dev;
