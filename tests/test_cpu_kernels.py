@@ -1,6 +1,6 @@
 """The CPU kernels on every vector ISA path and at the batch sizes where they
-change form (the forward's dot and outer-product forms, the weight gradient's
-row groups and column tails, the tiled training step).
+change form (the forward's dot and outer-product forms and its row tiles
+through a whole chain, the weight gradient's row groups and column tails).
 
 Each ISA runs in a child process (``FASTMLP_CPU_ISA`` is read once, at import)
 that checks float64 results against torch and prints any mismatch."""
@@ -38,6 +38,23 @@ for n, k, b, relu, bias in itertools.product(
     gi, gw, gb = ops.linear_act_backward(g, x, w, ref, relu, [True, True, bias])
     close(f"grad_weight n={n} k={k} b={b}", gw, masked.t() @ x)
     close(f"grad_input n={n} k={k} b={b}", gi, masked @ w)
+# whole narrow chains (mlp_forward runs them tile by tile through every layer):
+# batches around the tile sizes and the outer form's threshold, a strided input
+for sizes, b, last_relu in itertools.product(
+        [[784, 30, 1], [40, 64, 17, 3], [9, 8]], [1, 7, 12, 13, 255, 256, 257, 529, 1000], [False, True]):
+    x = torch.randn(2 * b, sizes[0], dtype=torch.float64)[::2]  # a row stride of 2 rows
+    ws = [torch.randn(n, k, dtype=torch.float64) for k, n in zip(sizes, sizes[1:])]
+    bs = [torch.randn(n, dtype=torch.float64) if i % 2 == 0 else None for i, n in enumerate(sizes[1:])]
+    out, hidden = ops.mlp_forward(x, ws, bs, last_relu)
+    h, at = x, 0
+    for i, (w, bb) in enumerate(zip(ws, bs)):
+        h = torch.nn.functional.linear(h, w, bb)
+        if i + 1 < len(ws) or last_relu:
+            h = h.relu()
+        if i + 1 < len(ws):
+            close(f"chain {sizes} b={b} hidden {i}", hidden[at:at + h.numel()].view(h.shape), h)
+            at += h.numel()
+    close(f"chain {sizes} b={b} output", out, h)
 # a transposed (non-contiguous) weight and a strided input
 x = torch.randn(300, 40, dtype=torch.float64)[:, ::2]
 w = torch.randn(20, 24, dtype=torch.float64).t()
@@ -56,6 +73,13 @@ for b in (255, 256, 1500):
     ref = torch.nn.functional.linear(x.double(), w.double(), bb.double()).relu().float()
     if not torch.allclose(one, ref, rtol=1e-5, atol=1e-5):
         bad.append(f"float32 forward b={b}: max err {(one - ref).abs().max().item():.3g}")
+    w2, b2 = torch.randn(1, 30) * 0.2, torch.randn(1)
+    torch.set_num_threads(1)
+    one = ops.mlp_forward(x, [w, w2], [bb, b2], False)
+    torch.set_num_threads(2)
+    two = ops.mlp_forward(x, [w, w2], [bb, b2], False)
+    if not (torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])):
+        bad.append(f"float32 chain forward b={b}: 1 and 2 threads differ")
 print("ISA", torch_fastmlp.CPU_ISA)
 print("\n".join(bad) if bad else "OK")
 """

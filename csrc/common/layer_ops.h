@@ -137,13 +137,4 @@ template <class Kernels> struct LayerOps {
   }
 };
 
-// Registers the four Linear ops of one backend.
-#define FASTMLP_REGISTER_LAYER_OPS(m, Kernels)                                  \
-  do {                                                                          \
-    (m).impl("linear_act", &::fastmlp::LayerOps<Kernels>::linear_act);          \
-    (m).impl("linear_act_backward", &::fastmlp::LayerOps<Kernels>::linear_act_backward); \
-    (m).impl("mlp_forward", &::fastmlp::LayerOps<Kernels>::mlp_forward);        \
-    (m).impl("mlp_backward", &::fastmlp::LayerOps<Kernels>::mlp_backward);      \
-  } while (0)
-
 }  // namespace fastmlp

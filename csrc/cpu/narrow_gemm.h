@@ -38,6 +38,7 @@ constexpr int64_t kCacheLine = 64;  // bytes
 // worker for 784 x 30) the outer form wins from here on (measured, 1-2 threads).
 constexpr int64_t kOuterMinRows = 256;
 constexpr int64_t kKeptPackBytes = 4 << 20;      // packed weights kept per thread up to this size
+constexpr int64_t kChainTileRows = 256;  // a narrow chain's forward runs tiles of at most ~this many rows
 
 // The vector width (bytes) of the kernels FASTMLP_ISA_ENTRY runs on this CPU.
 inline int vector_bytes() {
@@ -321,39 +322,79 @@ template <typename T> void pack_transposed(const T* w, int64_t N, int64_t K, int
   }
 }
 
-template <typename T>
-void narrow_forward(const at::Tensor& x, const at::Tensor& w, const T* bias, bool relu, at::Tensor& out) {
-  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+// One layer of a narrow chain: out[B, N] = act(in @ w.T + bias), w contiguous [N, K].
+template <typename T> struct NarrowLayer {
+  const T* w = nullptr;
+  const T* bias = nullptr;  // or nullptr
+  T* out = nullptr;         // contiguous [B, N]: the next layer's input
+  int64_t N = 0, K = 0;
+  bool relu = false;
+};
+
+// The forward of a chain of narrow layers over x [B, K0] (row stride ldx, unit
+// column stride), on tasks of whole row tiles: each worker packs the weights
+// once (outer form), then runs its rows through every layer a tile at a time,
+// so a tile's activations are still in cache when the next layer reads them.
+// Every row is computed the same way whatever the tiling or thread count.
+template <typename T> void narrow_chain_forward(const T* x, int64_t ldx, int64_t B, const std::vector<NarrowLayer<T>>& layers) {
+  const size_t L = layers.size();
   const int bytes = vector_bytes();
   const int64_t lanes = bytes / static_cast<int64_t>(sizeof(T));
-  const int64_t nv = B >= kOuterMinRows ? outer_vectors(N, lanes, bytes) : 0;
-  const at::Tensor wc = w.contiguous();
-  const T* xp = x.const_data_ptr<T>();
-  const T* wp = wc.const_data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  // Tasks of whole row blocks, so only the batch's last block is a partial one,
-  // and at least kMinTaskMacs multiply-adds each: waking a second thread costs
-  // more than a smaller share of work saves (batch 1-8 run inline).
-  const int64_t block = nv > 0 ? outer_block_rows(bytes, nv) : 4;
-  const int64_t blocks = (B + block - 1) / block;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(block * K * N, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> nv(L), pack_at(L + 1, 0);
+  int64_t macs_per_row = 0;
+  for (size_t l = 0; l < L; ++l) {
+    nv[l] = B >= kOuterMinRows ? outer_vectors(layers[l].N, lanes, bytes) : 0;
+    pack_at[l + 1] = pack_at[l] + layers[l].K * nv[l] * lanes;
+    macs_per_row += layers[l].K * layers[l].N;
+  }
+  // Tiles of whole row blocks of the first layer (only the batch's last block is
+  // a partial one) with at least kMinTaskMacs multiply-adds: waking a second
+  // thread costs more than a smaller share of work saves (batch 1-8 run inline).
+  const int64_t block = nv[0] > 0 ? outer_block_rows(bytes, nv[0]) : 4;
+  const int64_t min_rows = (kMinTaskMacs + macs_per_row - 1) / std::max<int64_t>(macs_per_row, 1);
+  const int64_t tile = (std::clamp<int64_t>(min_rows, 1, kChainTileRows) + block - 1) / block * block;
+  const int64_t tiles = (B + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     // Each worker packs its own copy: reading one packed by another core
     // costs more than packing (~4 µs for 784 x 30). Kept across calls up to
     // kKeptPackBytes (allocating ~100 KB costs ~7 µs).
     thread_local std::vector<T> kept;
     std::vector<T> once;
-    T* wt = nullptr;
-    if (nv > 0) {
-      const int64_t size = K * nv * lanes;
-      std::vector<T>& buffer = size * static_cast<int64_t>(sizeof(T)) <= kKeptPackBytes ? kept : once;
-      buffer.resize(size);
-      wt = buffer.data();
-      pack_transposed<T>(wp, N, K, nv * lanes, wt);
+    T* packed = nullptr;
+    if (pack_at[L] > 0) {
+      std::vector<T>& buffer = pack_at[L] * static_cast<int64_t>(sizeof(T)) <= kKeptPackBytes ? kept : once;
+      buffer.resize(pack_at[L]);
+      packed = buffer.data();
+      for (size_t l = 0; l < L; ++l) {
+        if (nv[l] > 0) pack_transposed<T>(layers[l].w, layers[l].N, layers[l].K, nv[l] * lanes, packed + pack_at[l]);
+      }
     }
-    narrow_forward_rows<T>(xp, x.stride(0), wp, wc.stride(0), wt, nv, bias, relu, op, N, K, begin * block,
-                           std::min(B, end * block), B);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * tile, r1 = std::min(B, r0 + tile);
+      const T* in = x;
+      int64_t ld = ldx;
+      for (size_t l = 0; l < L; ++l) {
+        const NarrowLayer<T>& layer = layers[l];
+        narrow_forward_rows<T>(in, ld, layer.w, layer.K, nv[l] > 0 ? packed + pack_at[l] : nullptr, nv[l], layer.bias,
+                               layer.relu, layer.out, layer.N, layer.K, r0, r1, B);
+        in = layer.out;
+        ld = layer.N;
+      }
+    }
   });
+}
+
+template <typename T>
+void narrow_forward(const at::Tensor& x, const at::Tensor& w, const T* bias, bool relu, at::Tensor& out) {
+  const at::Tensor wc = w.contiguous();
+  NarrowLayer<T> layer;
+  layer.w = wc.const_data_ptr<T>();
+  layer.bias = bias;
+  layer.out = out.data_ptr<T>();
+  layer.N = w.size(0);
+  layer.K = w.size(1);
+  layer.relu = relu;
+  narrow_chain_forward<T>(x.const_data_ptr<T>(), x.stride(0), x.size(0), {layer});
 }
 
 // g: [B, N] masked output gradient (row stride g.stride(0), unit column
