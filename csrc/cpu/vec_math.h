@@ -96,13 +96,6 @@ inline __attribute__((always_inline)) f32x16 log_1_to_2(f32x16 u) {
   return z + y + k * 0.693359375f;
 }
 
-// log1p(e) for e in [0, 1]: log(1 + e) plus the rounding error of 1 + e,
-// corrected to first order, so tiny e keep full relative accuracy.
-inline __attribute__((always_inline)) f32x16 log1p_unit(f32x16 e) {
-  const f32x16 u = e + 1.0f;
-  const f32x16 lost = e - (u - 1.0f);
-  return log_1_to_2(u) + lost / u;
-}
 
 // exp(x) for x <= 0 in double (Cody-Waite reduction with ln2 in two parts,
 // Taylor polynomial of degree 13 on [-ln2/2, ln2/2]: the next term is below
@@ -166,9 +159,12 @@ inline __attribute__((always_inline)) f64x8 log_1_to_2(f64x8 u) {
   return k * 6.93147180369123816490e-01 + (two_s + two_s * z * p + k * 1.90821492927058770002e-10);
 }
 
-inline __attribute__((always_inline)) f64x8 log1p_unit(f64x8 e) {
-  const f64x8 u = e + 1.0;
-  const f64x8 lost = e - (u - 1.0);
+// log1p(e) for e in [0, 1] (float or double vectors): log(1 + e) plus the
+// rounding error of 1 + e, corrected to first order, so tiny e keep full
+// relative accuracy.
+template <typename V> inline __attribute__((always_inline)) V log1p_unit(V e) {
+  const V u = e + 1;
+  const V lost = e - (u - 1);
   return log_1_to_2(u) + lost / u;
 }
 

@@ -221,6 +221,17 @@ __device__ __forceinline__ void hidden_layer_forward(const FusedChainParams<scal
   __syncthreads();
 }
 
+// The rows from r0 (a tile, fewer at the end of the batch) through every
+// layer, activations into shared memory; returns the tile's row count.
+template <int kFirstWidth, typename scalar_t>
+__device__ __forceinline__ int tile_forward(const FusedChainParams<scalar_t>& p, const ChainSmemLayout& lay,
+                                            acc_t<scalar_t>* s, int64_t r0) {
+  const int rows = static_cast<int>(p.batch - r0 < kChainRows ? p.batch - r0 : kChainRows);
+  first_layer_forward<kFirstWidth>(p, lay, s, r0, rows);
+  for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
+  return rows;
+}
+
 // The tile's loss terms (returned: this thread's sum) and the logits gradient
 // (into g), masked by the last ReLU if there is one.
 template <typename scalar_t>
@@ -361,9 +372,7 @@ __global__ void __launch_bounds__(kChainThreads)
   const int64_t tiles = (p.batch + kChainRows - 1) / kChainRows;
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t r0 = t * kChainRows;
-    const int rows = static_cast<int>(p.batch - r0 < kChainRows ? p.batch - r0 : kChainRows);
-    first_layer_forward<kFirstWidth>(p, lay, s, r0, rows);
-    for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
+    const int rows = tile_forward<kFirstWidth>(p, lay, s, r0);
     acc* g = s + lay.grad_a;
     acc* g_next = s + lay.grad_b;
     loss_sum += loss_and_logits_grad(p, lay, s, g, r0, rows);
@@ -422,9 +431,7 @@ __global__ void __launch_bounds__(kChainThreads) fused_forward_kernel(FusedChain
   const int64_t tiles = (p.batch + kChainRows - 1) / kChainRows;
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t r0 = t * kChainRows;
-    const int rows = static_cast<int>(p.batch - r0 < kChainRows ? p.batch - r0 : kChainRows);
-    first_layer_forward<kFirstWidth>(p, lay, s, r0, rows);
-    for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
+    const int rows = tile_forward<kFirstWidth>(p, lay, s, r0);
     for (int l = 0; l < p.layers; ++l) {
       const acc* const act = s + lay.act[l];
       const int width = p.width[l], pitch = pitch_of(width);
