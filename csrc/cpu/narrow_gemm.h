@@ -336,7 +336,8 @@ template <typename T> struct NarrowLayer {
 // once (outer form), then runs its rows through every layer a tile at a time,
 // so a tile's activations are still in cache when the next layer reads them.
 // Every row is computed the same way whatever the tiling or thread count.
-template <typename T> void narrow_chain_forward(const T* x, int64_t ldx, int64_t B, const std::vector<NarrowLayer<T>>& layers) {
+template <typename T>
+void narrow_chain_forward(const T* x, int64_t ldx, int64_t B, const std::vector<NarrowLayer<T>>& layers) {
   const size_t L = layers.size();
   const int bytes = vector_bytes();
   const int64_t lanes = bytes / static_cast<int64_t>(sizeof(T));

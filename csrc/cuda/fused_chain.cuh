@@ -453,10 +453,7 @@ struct FusedChainPlan {
   size_t smem_bytes = 0;
 };
 
-// Whether the chain qualifies, and how to launch it on a device with `sm_count`
-// SMs and `smem_optin` bytes of shared memory per block; sets p.grad_offset and
-// p.grads_in_smem. The block count depends only on the shapes and the device,
-// so the summation order is fixed for a given device.
+// The chain shapes the fused kernels take.
 template <typename scalar_t> bool fused_chain_qualifies(const FusedChainParams<scalar_t>& p) {
   if (p.layers < 1 || p.layers > kChainMaxLayers || p.batch < 1 || p.in_features < 1) return false;
   for (int l = 0; l < p.layers; ++l) {
@@ -465,6 +462,15 @@ template <typename scalar_t> bool fused_chain_qualifies(const FusedChainParams<s
   return true;
 }
 
+template <typename scalar_t> size_t chain_smem_bytes(const FusedChainParams<scalar_t>& p) {
+  return static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc_t<scalar_t>);
+}
+
+// Whether the step kernel takes the chain, and how to launch it on a device
+// with `sm_count` SMs and `smem_optin` bytes of shared memory per block; lays
+// out the gradient slots (p.grad_offset, p.bias_offset: set the output
+// pointers first) and sets p.grads_in_smem. The block count depends only on the
+// shapes and the device, so the summation order is fixed for a given device.
 template <typename scalar_t>
 bool plan_fused_step(FusedChainParams<scalar_t>& p, int sm_count, size_t smem_optin, FusedChainPlan* plan) {
   using acc = acc_t<scalar_t>;
@@ -479,8 +485,11 @@ bool plan_fused_step(FusedChainParams<scalar_t>& p, int sm_count, size_t smem_op
   p.grad_offset[p.layers] = offset;
   p.forward_only = false;
   p.grads_in_smem = true;
-  if (static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc) > smem_optin) p.grads_in_smem = false;
-  const size_t bytes = static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc);
+  size_t bytes = chain_smem_bytes(p);
+  if (bytes > smem_optin) {  // the accumulators go to the block's workspace slice
+    p.grads_in_smem = false;
+    bytes = chain_smem_bytes(p);
+  }
   if (bytes > smem_optin) return false;
   // One block per SM at most (the accumulators fill its shared memory), and,
   // past a few MB of partials, no more than keep their traffic under half the
@@ -505,9 +514,9 @@ bool plan_fused_forward(FusedChainParams<scalar_t>& p, int sm_count, size_t smem
   if (!fused_chain_qualifies(p)) return false;
   p.forward_only = true;
   p.grads_in_smem = false;
-  const size_t bytes = static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc_t<scalar_t>);
+  const size_t bytes = chain_smem_bytes(p);
   if (bytes > smem_optin) return false;
-  const int64_t tiles = (p.batch + kChainRows - 1) / kChainRows;
+  const int64_t tiles = ceil_div(p.batch, kChainRows);
   const int64_t max_blocks = 8 * static_cast<int64_t>(sm_count);
   plan->blocks = static_cast<int>(tiles < max_blocks ? tiles : max_blocks);
   plan->smem_bytes = bytes;
@@ -536,10 +545,10 @@ void launch_fused_step(const FusedChainParams<scalar_t>& p, const FusedChainPlan
   acc_t<scalar_t>* const loss_partial = workspace + static_cast<int64_t>(plan.blocks) * p.grad_offset[p.layers];
   launch_kernel(kernel, dim3(plan.blocks), dim3(kChainThreads), plan.smem_bytes, stream, p,
                 workspace, loss_partial);
-  // At least one block: block 0 also sums the loss.
-  const int64_t finish_blocks = std::max<int64_t>(1, ceil_div(p.grad_offset[p.layers], kChainThreads));
-  launch_kernel(fused_step_finish_kernel<scalar_t>, dim3(static_cast<unsigned>(finish_blocks < 1024 ? finish_blocks : 1024)),
-                dim3(kChainThreads), 0, stream, p, static_cast<const acc_t<scalar_t>*>(workspace),
+  // At least one block (block 0 also sums the loss), at most 1024 (grid-stride).
+  const int64_t finish_blocks = std::clamp<int64_t>(ceil_div(p.grad_offset[p.layers], kChainThreads), 1, 1024);
+  launch_kernel(fused_step_finish_kernel<scalar_t>, dim3(static_cast<unsigned>(finish_blocks)), dim3(kChainThreads), 0,
+                stream, p, static_cast<const acc_t<scalar_t>*>(workspace),
                 static_cast<const acc_t<scalar_t>*>(loss_partial), plan.blocks);
 }
 
