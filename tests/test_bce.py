@@ -458,3 +458,29 @@ def test_vectorised_patterns(dtype: torch.dtype, shape: tuple[int, ...], reducti
     (gx,) = torch.autograd.grad(got, x, g.to(dtype))
     (gxd,) = torch.autograd.grad(want, xd, g)
     torch.testing.assert_close(gx.double(), gxd, **close)
+
+
+@pytest.mark.parametrize(("dtype", "n"), [(torch.float64, 4099), (torch.float32, 10007)], ids=["f64", "f32"])
+def test_elementwise_backward_same_bits_on_any_thread_count(dtype: torch.dtype, n: int) -> None:
+    """reduction='none': which elements take the vector loop's scalar tail must
+    not depend on how the elements are split between threads."""
+    x = (torch.randn(n, dtype=dtype) * 4).requires_grad_()
+    y = torch.rand(n, dtype=dtype)
+    g = torch.rand(n, dtype=dtype)
+    grads = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        loss = torch_fastmlp.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+        grads.append(torch.autograd.grad(loss, x, g)[0])
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+def test_float64_nan_with_payload_stays_nan() -> None:
+    """A NaN logit whose payload has low bits set gives NaN loss and gradient
+    (the vector exp must not read the payload as an exponent)."""
+    payloads = torch.tensor([0x7FF8000000000001, 0x7FF80000000003FF, 0x7FF8000123456789] * 6, dtype=torch.int64)
+    x = payloads.view(torch.float64).clone().requires_grad_()
+    for reduction in ("none", "sum"):
+        loss = torch_fastmlp.functional.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.isnan(loss).all() and torch.isnan(grad).all(), reduction

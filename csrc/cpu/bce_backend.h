@@ -234,10 +234,13 @@ struct CpuBceKernels {
           using lane_t = std::conditional_t<vectorised, scalar_t, float>;  // scalar_t: the casts are identities
           std::vector<lane_t> w_ext, pw_ext;
           const VecPattern<lane_t> wv = vec_pattern(w, w_ext), pwv = vec_pattern(pw, pw_ext);
-          at::parallel_for(0, n, kBceChunk, [&](int64_t begin, int64_t end) {
+          // Whole chunks (multiples of the vector width): which elements take the
+          // scalar tail must not depend on the thread count.
+          const int64_t chunks = (n + kBceChunk - 1) / kBceChunk;
+          at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
             bce_backward_vec(reinterpret_cast<const lane_t*>(xp), reinterpret_cast<const lane_t*>(yp),
                              reinterpret_cast<const lane_t*>(gop), reduced, wv, pwv, reinterpret_cast<lane_t*>(gip),
-                             static_cast<lane_t>(mean_scale), begin, end);
+                             static_cast<lane_t>(mean_scale), cb * kBceChunk, std::min(n, ce * kBceChunk));
           });
           return;
         }

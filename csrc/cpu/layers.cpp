@@ -24,7 +24,7 @@ bool narrow_chain(const at::Tensor& input, at::TensorList weights) {
 std::tuple<at::Tensor, at::Tensor> mlp_forward(const at::Tensor& input, at::TensorList weights,
                                                const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu) {
   check_mlp_args(input, weights, biases);
-  if (weights.size() == 1 || !narrow_chain(input, weights)) {
+  if (!narrow_chain(input, weights)) {
     return Layers::mlp_forward(input, weights, biases, last_relu);
   }
   BelowAutograd below_autograd;

@@ -38,7 +38,9 @@ constexpr int64_t kCacheLine = 64;  // bytes
 // worker for 784 x 30) the outer form wins from here on (measured, 1-2 threads).
 constexpr int64_t kOuterMinRows = 256;
 constexpr int64_t kKeptPackBytes = 4 << 20;      // packed weights kept per thread up to this size
-constexpr int64_t kChainTileRows = 256;  // a narrow chain's forward runs tiles of at most ~this many rows
+// A narrow chain's forward runs tiles of the fewest rows worth a task
+// (kMinTaskMacs), up to about this many.
+constexpr int64_t kChainTileRows = 256;
 
 // The vector width (bytes) of the kernels FASTMLP_ISA_ENTRY runs on this CPU.
 inline int vector_bytes() {
@@ -376,8 +378,9 @@ void narrow_chain_forward(const T* x, int64_t ldx, int64_t B, const std::vector<
       int64_t ld = ldx;
       for (size_t l = 0; l < L; ++l) {
         const NarrowLayer<T>& layer = layers[l];
+        // Past this tile, a hidden layer's rows are not computed yet: no prefetch there.
         narrow_forward_rows<T>(in, ld, layer.w, layer.K, nv[l] > 0 ? packed + pack_at[l] : nullptr, nv[l], layer.bias,
-                               layer.relu, layer.out, layer.N, layer.K, r0, r1, B);
+                               layer.relu, layer.out, layer.N, layer.K, r0, r1, l == 0 ? B : r1);
         in = layer.out;
         ld = layer.N;
       }

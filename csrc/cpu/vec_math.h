@@ -132,6 +132,7 @@ inline __attribute__((always_inline)) f64x8 exp_nonpositive(f64x8 x) {
   bits += (t_bits - magic_bits) << 52;
   f64x8 out;
   std::memcpy(&out, &bits, sizeof(out));
+  out = select(x != x, x, out);  // NaN: t's payload bits would have landed in the exponent
   return select(under, splat(0.0), out);
 }
 
