@@ -37,7 +37,7 @@ def _check_step(
         assert_close(q.grad, p.grad, reduction, msg=name)
 
 
-@pytest.mark.parametrize("batch", [1, 7, 64, 1025, 2500])
+@pytest.mark.parametrize("batch", [1, 7, 64, 300, 1025, 2500])
 # On CUDA the first three run the fused chain kernel, the last (a 200-wide layer) the per-layer GEMMs.
 @pytest.mark.parametrize("sizes", [[784, 30, 1], [50, 100, 10], [33, 17, 9, 3], [20, 200, 2]])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -133,10 +133,11 @@ def test_state_dict_pickle_and_repr() -> None:
     assert "reduction='mean'" in repr(clf)
 
 
-def test_deterministic_over_threads() -> None:
+@pytest.mark.parametrize("batch", [300, 3000])  # two half-batch tiles; three 1024-row tiles
+def test_deterministic_over_threads(batch: int) -> None:
     torch.manual_seed(0)
     clf = FusedBCEClassifier(torch_fastmlp.MLP([64, 30, 1]))
-    x, y = torch.randn(3000, 64), torch.randint(0, 2, (3000, 1)).float()
+    x, y = torch.randn(batch, 64), torch.randint(0, 2, (batch, 1)).float()
     results = []
     for threads in (1, 2, 2):
         torch.set_num_threads(threads)

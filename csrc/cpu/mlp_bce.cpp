@@ -1,10 +1,11 @@
 // CPU kernel of fastmlp::mlp_bce_step (the whole training step's math).
 //
-// For a narrow chain (every hidden width <= 128) and a batch of more than one
-// tile, rows are processed in tiles of kTileRows: each tile runs forward, loss,
-// logits gradient and backward while its rows of the input are still in cache,
-// so the input is read from memory once per step instead of twice (forward,
-// then the first layer's weight gradient). Tiles are grouped into a fixed number
+// For a narrow chain (every hidden width <= 128) and a batch of at least
+// kMinTiledBatch rows, rows are processed in tiles (of kTileRows, or two halves
+// of a smaller batch): each tile runs forward, loss, logits gradient and
+// backward while its rows of the input are still in cache, so the input is read
+// from memory once per step instead of twice (forward, then the first layer's
+// weight gradient). Tiles are grouped into a fixed number
 // of partials (a function of the batch size only); each partial accumulates its
 // tiles in order and the partials are summed in order, so the result does not
 // depend on the thread count. Anything else takes the generic composition.
@@ -25,13 +26,19 @@ using Layers = LayerOps<CpuKernels>;
 using Bce = BceOps<CpuBceKernels>;
 
 constexpr int64_t kTileRows = 1024;  // 784 float features: ~3 MB of input per tile, inside L3
+constexpr int64_t kMinTiledBatch = 256;
 constexpr int64_t kMaxPartials = 16;  // bounds the partial-gradient memory
 constexpr int64_t kMaxHidden = 128;
 
 using StepResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
+// Rows per tile: kTileRows, or for a batch of at most that, two halves (two
+// partials: each thread runs its rows' forward and backward while they are in
+// its own cache). A function of the batch only.
+int64_t tile_rows(int64_t batch) { return batch > kTileRows ? kTileRows : (batch + 31) / 32 * 16; }
+
 bool tiled_eligible(const at::Tensor& input, at::TensorList weights) {
-  if (input.size(0) <= kTileRows) return false;
+  if (input.size(0) < kMinTiledBatch) return false;
   if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
   for (size_t l = 0; l + 1 < weights.size(); ++l) {
     if (weights[l].size(0) > kMaxHidden) return false;
@@ -44,7 +51,7 @@ void accumulate(at::Tensor& acc, const at::Tensor& t) {
   if (t.numel() == 0 && (!acc.defined() || acc.numel() == 0)) {
     acc = t;
   } else if (!acc.defined()) {
-    acc = t.clone();
+    acc = t;  // a fresh tensor of this tile's: taken over
   } else {
     acc.add_(t);
   }
@@ -77,7 +84,8 @@ StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorLis
   }
 
   const size_t layers = weights.size();
-  const int64_t tiles = (batch + kTileRows - 1) / kTileRows;
+  const int64_t tile = tile_rows(batch);
+  const int64_t tiles = (batch + tile - 1) / tile;
   const int64_t tiles_per_partial = (tiles + kMaxPartials - 1) / kMaxPartials;
   const int64_t partials = (tiles + tiles_per_partial - 1) / tiles_per_partial;
   const double mean_scale = reduction == kReductionMean ? 1.0 / static_cast<double>(batch * out_features) : 1.0;
@@ -92,7 +100,7 @@ StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorLis
     for (int64_t p = p_begin; p < p_end; ++p) {
       const int64_t t_end = std::min(tiles, (p + 1) * tiles_per_partial);
       for (int64_t t = p * tiles_per_partial; t < t_end; ++t) {
-        const int64_t r0 = t * kTileRows, rows = std::min(kTileRows, batch - r0);
+        const int64_t r0 = t * tile, rows = std::min(tile, batch - r0);
         const at::Tensor x = input.narrow(0, r0, rows);
         auto [output, hidden] = Layers::mlp_forward(x, weights, biases, last_relu);
         // Sum-reduced tile loss; its gradient is per element, scaled for a mean.
