@@ -307,6 +307,17 @@ def _with_global_linear_hook(
     return out_f, out_r, n_fused, len(calls) - n_fused
 
 
+def _run_both_one_capture(
+    fused: nn.Module, ref: nn.Module, x: torch.Tensor, seen: dict[str, list[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward + backward through both models; each hook captured once, the same value."""
+    out_f = forward_backward(fused, x)
+    out_r = forward_backward(ref, x)
+    assert len(seen["fused"]) == len(seen["ref"]) == 1
+    assert_close(seen["fused"][0], seen["ref"][0])
+    return out_f, out_r
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hook_kind", ["backward", "backward_pre", "global_backward"])
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch's, for both models
@@ -334,10 +345,7 @@ def test_backward_hooks_fire_and_results_match(device: str, hook_kind: str) -> N
         )
         assert n_fused == n_ref > 0
     else:
-        out_f = forward_backward(fused, x)
-        out_r = forward_backward(ref, x)
-        assert len(seen["fused"]) == len(seen["ref"]) == 1
-        assert_close(seen["fused"][0], seen["ref"][0])
+        out_f, out_r = _run_both_one_capture(fused, ref, x, seen)
     assert_close(out_f, out_r)
     assert_same_grads(fused, ref)
 
@@ -370,10 +378,7 @@ def test_hooks_fire_and_results_match(device: str, hook_kind: str) -> None:
         register = "register_forward_pre_hook" if hook_kind == "forward_pre" else "register_forward_hook"
         getattr(ref[2], register)(hook_for("ref"))
         getattr(fused[2], register)(hook_for("fused"))
-        out_f = forward_backward(fused, x)
-        out_r = forward_backward(ref, x)
-        assert len(seen["fused"]) == len(seen["ref"]) == 1
-        assert_close(seen["fused"][0], seen["ref"][0])
+        out_f, out_r = _run_both_one_capture(fused, ref, x, seen)
     assert_close(out_f, out_r)
     assert_same_grads(fused, ref)
 

@@ -16,6 +16,11 @@ namespace fastmlp {
 
 enum BceReduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
 
+// A weight / pos_weight as the kernels take it: contiguous, or undefined when absent.
+inline at::Tensor bce_pattern(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
 template <class Kernels> struct BceOps {
   static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Tensor& target,
                                                     const c10::optional<at::Tensor>& weight,
@@ -30,7 +35,7 @@ template <class Kernels> struct BceOps {
     // The input gradient is computed in the forward pass only for a reduced loss
     // (for `none` it would be a second input-sized tensor that PyTorch never keeps).
     at::Tensor grad = reduced && input_grad ? at::empty_like(x) : at::Tensor();
-    Kernels::forward(x, y, pattern(weight), pattern(pos_weight), reduction, loss, grad);
+    Kernels::forward(x, y, bce_pattern(weight), bce_pattern(pos_weight), reduction, loss, grad);
     return {loss, grad.defined() ? grad : at::empty({0}, x.options())};
   }
 
@@ -48,15 +53,10 @@ template <class Kernels> struct BceOps {
     const at::Tensor x = input.contiguous(), y = target.contiguous();
     at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::Tensor();
     at::Tensor grad_target = output_mask[1] ? at::empty_like(x) : at::Tensor();
-    Kernels::backward(grad_output.contiguous(), x, y, pattern(weight), pattern(pos_weight), reduction, grad_input,
-                      grad_target);
+    Kernels::backward(grad_output.contiguous(), x, y, bce_pattern(weight), bce_pattern(pos_weight), reduction,
+                      grad_input, grad_target);
     return {grad_input.defined() ? grad_input : at::empty({0}, x.options()),
             grad_target.defined() ? grad_target : at::empty({0}, x.options())};
-  }
-
- private:
-  static at::Tensor pattern(const c10::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
   }
 };
 

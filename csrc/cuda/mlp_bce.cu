@@ -19,10 +19,6 @@ namespace {
 using Generic = MlpBceOps<CudaKernels, CudaBceKernels>;
 using StepResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
-at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
 StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
                 const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
@@ -47,8 +43,7 @@ StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorLis
 
   c10::cuda::CUDAGuard guard(input.device());
   BelowAutograd below_autograd;
-  const at::Tensor y = target.contiguous(), lw = contiguous_or_undefined(weight),
-                   pw = contiguous_or_undefined(pos_weight);
+  const at::Tensor y = target.contiguous(), lw = bce_pattern(weight), pw = bce_pattern(pos_weight);
   const ContiguousChain chain(weights, biases);
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
 

@@ -19,6 +19,7 @@ FASTMLP_EMU_DYNAMIC_SMEM(fastmlp_emu_tests, buf)
 FASTMLP_EMU_TLS_INIT_STUB(fastmlp_emu_tls_init_tests_buf, "_ZTHN17fastmlp_emu_tests3bufE")
 
 #include "broken_kernels.cuh"
+#include "common/bce_ops.h"
 #include "cuda/kernel_params.h"
 #include "selftest_kernels.cuh"
 
@@ -261,8 +262,8 @@ std::tuple<at::Tensor, MaybeTensor> bce_forward(const at::Tensor& x, const at::T
                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction,
                                                bool want_grad) {
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes());
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : at::Tensor();
+  const at::Tensor w = fastmlp::bce_pattern(weight);
+  const at::Tensor pw = fastmlp::bce_pattern(pos_weight);
   at::Tensor loss = reduction == 0 ? empty_output(x.sizes(), x.options()) : empty_output({}, x.options());
   at::Tensor grad = want_grad && reduction != 0 ? empty_output(x.sizes(), x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_bce_fwd", [&] {
@@ -290,8 +291,8 @@ std::tuple<MaybeTensor, MaybeTensor> bce_backward(const at::Tensor& grad_loss, c
                                                 const std::optional<at::Tensor>& pos_weight, int64_t reduction,
                                                 bool want_input, bool want_target) {
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && grad_loss.is_contiguous() && x.sizes() == y.sizes());
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : at::Tensor();
+  const at::Tensor w = fastmlp::bce_pattern(weight);
+  const at::Tensor pw = fastmlp::bce_pattern(pos_weight);
   at::Tensor gi = want_input ? empty_output(x.sizes(), x.options()) : at::Tensor();
   at::Tensor gt = want_target ? empty_output(x.sizes(), x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_bce_bwd", [&] {
@@ -326,8 +327,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
               weights.size() == weight_mask.size() && weights.size() == bias_mask.size());
   for (const at::Tensor& w : weights) TORCH_CHECK(w.scalar_type() == input.scalar_type());
   const fc::ContiguousChain chain(weights, biases);
-  const at::Tensor lw = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : at::Tensor();
+  const at::Tensor lw = fastmlp::bce_pattern(weight);
+  const at::Tensor pw = fastmlp::bce_pattern(pos_weight);
   std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t> result{
       at::empty({0}, input.options()), at::empty({0}, input.options()), {}, {}, 0, 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emu_fused_step", [&] {
