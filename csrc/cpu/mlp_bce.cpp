@@ -1,14 +1,17 @@
 // CPU kernel of fastmlp::mlp_bce_step (the whole training step's math).
 //
-// For a narrow chain (every hidden width <= 128) and a batch of at least
-// kMinTiledBatch rows, rows are processed in tiles (of kTileRows, or two halves
-// of a smaller batch): each tile runs forward, loss, logits gradient and
-// backward while its rows of the input are still in cache, so the input is read
-// from memory once per step instead of twice (forward, then the first layer's
-// weight gradient). Tiles are grouped into a fixed number
-// of partials (a function of the batch size only); each partial accumulates its
-// tiles in order and the partials are summed in order, so the result does not
-// depend on the thread count. Anything else takes the generic composition.
+// For a narrow chain (every hidden width <= 128), rows are split into parts
+// that are processed start to finish while their rows of the input are still in
+// cache: forward, loss, logits gradient, backward and the part's parameter
+// gradients, so the input is read from memory once per step instead of twice
+// (forward, then the first layer's weight gradient).
+//  - under kMinTiledBatch rows: a few row partials in one parallel region
+//    (narrow_step.h), one thread wake-up per step;
+//  - from there on: tiles of kTileRows (or two halves of a smaller batch),
+//    grouped into a fixed number of partials, each through the chain's ops.
+// Either way the parts are fixed by the batch size and their sums are added in
+// order, so the result does not depend on the thread count. Anything else
+// takes the generic composition.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,6 +20,7 @@
 #include "common/mlp_bce_ops.h"
 #include "cpu/bce_backend.h"
 #include "cpu/layer_backend.h"
+#include "cpu/narrow_step.h"
 
 namespace fastmlp::cpu {
 namespace {
@@ -37,8 +41,9 @@ using StepResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, s
 // its own cache). A function of the batch only.
 int64_t tile_rows(int64_t batch) { return batch > kTileRows ? kTileRows : (batch + 31) / 32 * 16; }
 
-bool tiled_eligible(const at::Tensor& input, at::TensorList weights) {
-  if (input.size(0) < kMinTiledBatch) return false;
+// Whether the row-partitioned paths serve this chain: float / double, narrow hidden layers.
+bool chain_eligible(const at::Tensor& input, at::TensorList weights) {
+  if (input.size(0) == 0) return false;
   if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
   for (size_t l = 0; l + 1 < weights.size(); ++l) {
     if (weights[l].size(0) > kMaxHidden) return false;
@@ -57,13 +62,91 @@ void accumulate(at::Tensor& acc, const at::Tensor& t) {
   }
 }
 
+// A batch under kMinTiledBatch rows: narrow_step's partials in one parallel region.
+StepResult small_batch_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                            const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                            int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
+                            const c10::List<bool>& bias_mask) {
+  const size_t layers = weights.size();
+  TORCH_CHECK(weight_mask.size() == layers && bias_mask.size() == layers,
+              "fastmlp.mlp_bce_step: expected one weight_mask and bias_mask entry per layer (", layers, "), got ",
+              weight_mask.size(), " and ", bias_mask.size());
+  BelowAutograd below_autograd;
+  const int64_t batch = input.size(0), out_features = weights.back().size(0);
+  const at::Tensor x = input.stride(1) == 1 ? input : input.contiguous();
+  const at::Tensor y = target.contiguous();  // the logits' shape, dtype and device
+  check_bce_pattern(weight, y, "weight");
+  check_bce_pattern(pos_weight, y, "pos_weight");
+  const at::Tensor weight_pattern = bce_pattern(weight), pos_weight_pattern = bce_pattern(pos_weight);
+  std::vector<at::Tensor> w(layers), b(layers), grad_w(layers), grad_b(layers);
+  size_t lowest = layers;  // the lowest layer backward visits
+  for (size_t l = 0; l < layers; ++l) {
+    w[l] = weights[l].contiguous();
+    const c10::optional<at::Tensor> bias = biases.get(l);
+    if (bias.has_value() && bias->defined()) b[l] = bias->contiguous();
+    if (weight_mask[l]) grad_w[l] = at::empty(w[l].sizes(), x.options());
+    if (bias_mask[l]) grad_b[l] = at::empty({w[l].size(0)}, x.options());
+    if (lowest == layers && (weight_mask[l] || bias_mask[l])) lowest = l;
+  }
+  at::Tensor grad_input = input_grad ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  if (input_grad) lowest = 0;
+  const double mean_scale = reduction == kReductionMean ? 1.0 / static_cast<double>(batch * out_features) : 1.0;
+  double loss_sum = 0;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_small_batch_step", [&] {
+    StepProblem<scalar_t> p;
+    p.x = x.const_data_ptr<scalar_t>();
+    p.ldx = x.stride(0);
+    p.batch = batch;
+    p.target = y.const_data_ptr<scalar_t>();
+    std::vector<scalar_t> weight_ext, pos_weight_ext;
+    p.weight = vec_pattern(weight_pattern, weight_ext);
+    p.pos_weight = vec_pattern(pos_weight_pattern, pos_weight_ext);
+    p.grad_scale = static_cast<scalar_t>(mean_scale);
+    p.lowest = lowest;
+    p.grad_input = input_grad ? grad_input.data_ptr<scalar_t>() : nullptr;
+    std::vector<scalar_t*> gw(layers, nullptr), gb(layers, nullptr);
+    for (size_t l = 0; l < layers; ++l) {
+      StepLayer<scalar_t> layer;
+      layer.w = w[l].const_data_ptr<scalar_t>();
+      layer.bias = b[l].defined() ? b[l].const_data_ptr<scalar_t>() : nullptr;
+      layer.N = w[l].size(0);
+      layer.K = w[l].size(1);
+      layer.relu = l + 1 < layers || last_relu;
+      layer.want_w = weight_mask[l];
+      layer.want_b = bias_mask[l];
+      layer.grad_w_at = p.grad_elems;
+      p.grad_elems += layer.want_w ? layer.N * layer.K : 0;
+      layer.grad_b_at = p.grad_elems;
+      p.grad_elems += layer.want_b ? layer.N : 0;
+      p.layers.push_back(layer);
+      if (layer.want_w) gw[l] = grad_w[l].data_ptr<scalar_t>();
+      if (layer.want_b) gb[l] = grad_b[l].data_ptr<scalar_t>();
+    }
+    const int64_t partials = step_partials(p);
+    const int64_t scratch = partials * step_scratch_elems(p, (batch + partials - 1) / partials);
+    // One allocation: the partials' gradients (all but the first), then the scratch.
+    at::Tensor workspace = at::empty({(partials - 1) * p.grad_elems + scratch}, x.options());
+    scalar_t* ws = workspace.data_ptr<scalar_t>();
+    loss_sum = narrow_step(p, partials, gw, gb, ws, ws + (partials - 1) * p.grad_elems);
+  });
+
+  at::Tensor loss = at::scalar_tensor(loss_sum * mean_scale, x.options());
+  for (size_t l = 0; l < layers; ++l) {
+    grad_w[l] = or_empty(grad_w[l], x);
+    grad_b[l] = or_empty(grad_b[l], x);
+  }
+  return {loss, or_empty(grad_input, x), grad_w, grad_b};
+}
+
 StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
                 const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
                 int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
                 const c10::List<bool>& bias_mask) {
   check_mlp_args(input, weights, biases);
-  if (!tiled_eligible(input, weights)) {
+  if (!chain_eligible(input, weights)) {
     return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
                          weight_mask, bias_mask);
   }
@@ -81,6 +164,11 @@ StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorLis
   if (!per_row(weight) || !per_row(pos_weight)) {
     return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
                          weight_mask, bias_mask);
+  }
+
+  if (batch < kMinTiledBatch) {
+    return small_batch_step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
+                            weight_mask, bias_mask);
   }
 
   const size_t layers = weights.size();

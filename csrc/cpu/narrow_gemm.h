@@ -6,9 +6,10 @@
 //   forward  y[b, n] = x[b, :] . w[n, :]          dot products, for a handful
 //            of outputs (N = 1 would waste all but one lane of the outer form)
 //   weights  dW[n, k0:k0+4 lanes] += g[b, n] * x[b, k0:...], summed over b
-// Every output element is a sum in a fixed order (k for the forward, b for the
-// weight gradient) whatever the row/column blocking, so the result does not
-// depend on how rows or columns are split over threads.
+// Every output element is a sum in a fixed order (k for the outer form; k per
+// lane, then the lanes by Simd::sum, for the dot form; b for the weight
+// gradient) whatever the row/column blocking, so the result does not depend on
+// how rows or columns are split over threads.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -70,8 +71,7 @@ FASTMLP_ALWAYS_INLINE void dot_block(const T* x, int64_t ldx, const T* w, int64_
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
-      T sum = T(0);
-      for (int v = 0; v < S::kLanes; ++v) sum += acc[r][c][v];
+      T sum = S::sum(acc[r][c]);
       for (int64_t kk = k; kk < K; ++kk) sum += x[r * ldx + kk] * w[c * ldw + kk];
       out[r][c] = sum;
     }

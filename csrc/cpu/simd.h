@@ -76,6 +76,21 @@ template <typename T, int kBytes> struct Simd {
   }
   static FASTMLP_ALWAYS_INLINE void store(T* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
   static FASTMLP_ALWAYS_INLINE Vec splat(T s) { return Vec{} + s; }
+
+  // The sum of the lanes as a tree of halves (upper half added to the lower,
+  // repeated): log2(lanes) vector adds instead of a chain of lanes - 1 scalar
+  // ones, and the same order wherever it is used.
+  static FASTMLP_ALWAYS_INLINE T sum(Vec v) {
+    if constexpr (kLanes == 1) {
+      return v[0];
+    } else {
+      using Half = Simd<T, kBytes / 2>;
+      typename Half::Vec lo, hi;
+      std::memcpy(&lo, &v, sizeof(lo));
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+      return Half::sum(lo + hi);
+    }
+  }
 };
 
 }  // namespace fastmlp::cpu
