@@ -133,13 +133,52 @@ def test_state_dict_pickle_and_repr() -> None:
     assert "reduction='mean'" in repr(clf)
 
 
-@pytest.mark.parametrize("batch", [300, 3000])  # two half-batch tiles; three 1024-row tiles
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "transposed"])
+@pytest.mark.parametrize("batch", [33, 100, 255])  # small-batch step (CPU): 1, 4 and 8 row partials
+def test_small_batch_partials(device: str, batch: int, layout: str) -> None:
+    """Batches under 256 rows of a chain with enough work for several partials
+    (CPU: one parallel region), with loss weights, on strided inputs."""
+    pos_weight = torch.tensor([2.0, 0.5, 1.0], device=device)
+    ref, loss_fn, clf = _eager_and_fused([256, 20, 8, 3], device, pos_weight=pos_weight)
+    base = torch.randn(batch, 300, device=device)
+    x = {
+        "contiguous": base[:, :256].contiguous(),
+        "row_strided": base[:, 10:266],  # rows 300 apart
+        "transposed": base[:, :256].t().contiguous().t(),
+    }[layout]
+    y = torch.randint(0, 2, (batch, 3), device=device).float()
+    _check_step(ref, loss_fn, clf, x, y)
+
+
+@pytest.mark.parametrize("frozen", ["first_layer", "first_two_layers", "input_grad"])
+def test_small_batch_partial_gradients(device: str, frozen: str) -> None:
+    """Only the gradients autograd asks for, over several partials: frozen lower
+    layers are not visited, an input gradient reaches every row."""
+    ref, loss_fn, clf = _eager_and_fused([256, 20, 8, 1], device, dtype=torch.float64)
+    layers = {"first_layer": 1, "first_two_layers": 2, "input_grad": 0}[frozen]
+    for model in (ref, clf.model):
+        for p in list(model.parameters())[: 2 * layers]:
+            p.requires_grad_(False)
+    x = torch.randn(100, 256, device=device, dtype=torch.float64)
+    y = torch.randint(0, 2, (100, 1), device=device).double()
+    xr, xf = x.clone().requires_grad_(frozen == "input_grad"), x.clone().requires_grad_(frozen == "input_grad")
+    loss_fn(ref(xr), y).backward()
+    clf(xf, y).backward()
+    for p, q in zip(ref.parameters(), clf.model.parameters(), strict=True):
+        assert (q.grad is None) == (p.grad is None)
+        if p.grad is not None:
+            assert_close(q.grad, p.grad)
+    if frozen == "input_grad":
+        assert_close(xf.grad, xr.grad)
+
+
+@pytest.mark.parametrize("batch", [100, 300, 3000])  # 4 small-batch partials; two half-batch tiles; 1024-row tiles
 def test_deterministic_over_threads(batch: int) -> None:
     torch.manual_seed(0)
-    clf = FusedBCEClassifier(torch_fastmlp.MLP([64, 30, 1]))
-    x, y = torch.randn(batch, 64), torch.randint(0, 2, (batch, 1)).float()
+    clf = FusedBCEClassifier(torch_fastmlp.MLP([256, 30, 1]))
+    x, y = torch.randn(batch, 256), torch.randint(0, 2, (batch, 1)).float()
     results = []
-    for threads in (1, 2, 2):
+    for threads in (1, 2, 3, 2):
         torch.set_num_threads(threads)
         clf.zero_grad(set_to_none=True)
         loss = clf(x, y)
