@@ -163,6 +163,50 @@ def test_mlp_function_frozen_subsets(device: str, case: str, last_relu: bool) ->
             assert t.grad is None, f"tensor {i} is frozen but got a gradient"
 
 
+ROW_PARTIAL_SIZES = [300, 40, 20, 3]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["all", "first_layer_frozen", "input_only", "middle_frozen_no_input"])
+@pytest.mark.parametrize("last_relu", [False, True])
+@pytest.mark.parametrize("batch", [100, 255])
+def test_mlp_function_row_partials(device: str, case: str, last_relu: bool, batch: int) -> None:
+    """Batches under 256 rows with work enough for several row partials (CPU:
+    the backward in one parallel region), with a non-contiguous incoming gradient."""
+    flags = [True] * 7 if case == "all" else FROZEN[case]
+    weights, biases = make_chain(3, True, torch.float64, device, ROW_PARTIAL_SIZES)
+    x = torch.randn(batch, ROW_PARTIAL_SIZES[0], dtype=torch.float64, device=device)
+    tensors = [x, *interleave(weights, biases)]
+    for t, f in zip(tensors, flags, strict=True):
+        t.requires_grad_(f)
+    ref_tensors = [leaf(t, t.requires_grad) for t in tensors]
+    out = mlp_apply(tensors[0], last_relu, *tensors[1:])
+    ref = reference_chain(ref_tensors[0], ref_tensors[1::2], ref_tensors[2::2], last_relu)
+    g = torch.randn(ROW_PARTIAL_SIZES[-1], batch, dtype=torch.float64, device=device).t()
+    out.backward(g)
+    ref.backward(g)
+    for i, (t, r, f) in enumerate(zip(tensors, ref_tensors, flags, strict=True)):
+        if f:
+            assert_close(t.grad, r.grad, reduction=batch, msg=f"tensor {i}")
+        else:
+            assert t.grad is None, f"tensor {i} is frozen but got a gradient"
+
+
+def test_mlp_backward_row_partials_deterministic_over_threads() -> None:
+    weights, biases = make_chain(3, True, torch.float32, "cpu", ROW_PARTIAL_SIZES)
+    x = torch.randn(100, ROW_PARTIAL_SIZES[0])
+    g = torch.randn(100, ROW_PARTIAL_SIZES[-1])
+    out, hidden = ops.mlp_forward(x, weights, biases, False)
+    results = []
+    for threads in (1, 2, 3, 2):
+        torch.set_num_threads(threads)
+        gi, gw, gb = ops.mlp_backward(g, x, weights, hidden, None, False, True, [True] * 3, [True] * 3)
+        results.append([gi, *gw, *gb])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 # --- the raw ops -------------------------------------------------------------------
 
 

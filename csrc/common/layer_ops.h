@@ -71,10 +71,11 @@ template <class Kernels> struct LayerOps {
     return {output, hidden};
   }
 
-  static std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
-      const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, const at::Tensor& hidden,
-      const c10::optional<at::Tensor>& output, bool last_relu, bool input_grad, const c10::List<bool>& weight_mask,
-      const c10::List<bool>& bias_mask) {
+  // mlp_backward's argument checks (also run by backends that serve some chains their own way).
+  static void check_mlp_backward_args(const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+                                      const at::Tensor& hidden, const c10::optional<at::Tensor>& output,
+                                      bool last_relu, const c10::List<bool>& weight_mask,
+                                      const c10::List<bool>& bias_mask) {
     const size_t layers = weights.size();
     check_mlp_args(input, weights, c10::List<c10::optional<at::Tensor>>(std::vector<c10::optional<at::Tensor>>(layers)));
     TORCH_CHECK(weight_mask.size() == layers && bias_mask.size() == layers,
@@ -97,6 +98,16 @@ template <class Kernels> struct LayerOps {
                   "fastmlp.mlp_backward: output has shape ", output->sizes(), ", expected [", batch, ", ",
                   out_features, "]");
     }
+  }
+
+  static std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
+      const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, const at::Tensor& hidden,
+      const c10::optional<at::Tensor>& output, bool last_relu, bool input_grad, const c10::List<bool>& weight_mask,
+      const c10::List<bool>& bias_mask) {
+    check_mlp_backward_args(grad_output, input, weights, hidden, output, last_relu, weight_mask, bias_mask);
+    const size_t layers = weights.size();
+    const int64_t batch = input.size(0);
+    const std::vector<int64_t> offsets = hidden_offsets(batch, weights);
     typename Kernels::Guard guard(input.device());
     BelowAutograd below_autograd;
 

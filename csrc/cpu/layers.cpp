@@ -1,12 +1,14 @@
 // Registers the CPU kernels of the Linear(+ReLU) ops: fastmlp::linear_act,
 // linear_act_backward, mlp_forward and mlp_backward. A chain of narrow layers
-// runs its forward tile by tile through every layer (narrow_chain_forward);
-// anything else layer by layer.
+// runs its forward tile by tile through every layer (narrow_chain_forward), and
+// on a small batch its backward as row partials in one parallel region
+// (narrow_step.h); anything else layer by layer.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "common/layer_ops.h"
 #include "cpu/layer_backend.h"
+#include "cpu/narrow_step.h"
 
 namespace fastmlp::cpu {
 namespace {
@@ -55,6 +57,38 @@ std::tuple<at::Tensor, at::Tensor> mlp_forward(const at::Tensor& input, at::Tens
   return {output, hidden};
 }
 
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, const at::Tensor& hidden,
+    const c10::optional<at::Tensor>& output, bool last_relu, bool input_grad, const c10::List<bool>& weight_mask,
+    const c10::List<bool>& bias_mask) {
+  Layers::check_mlp_backward_args(grad_output, input, weights, hidden, output, last_relu, weight_mask, bias_mask);
+  if (!row_partials_eligible(input, weights)) {
+    return Layers::mlp_backward(grad_output, input, weights, hidden, output, last_relu, input_grad, weight_mask,
+                                bias_mask);
+  }
+  BelowAutograd below_autograd;
+  // The backward reads no bias (a bias gradient is a column sum).
+  const c10::List<c10::optional<at::Tensor>> no_biases(std::vector<c10::optional<at::Tensor>>(weights.size()));
+  ChainTensors t(input, weights, no_biases, input_grad, weight_mask, bias_mask);
+  const at::Tensor go = grad_output.contiguous(), h = hidden.contiguous();
+  const at::Tensor out = last_relu ? output->contiguous() : at::Tensor();
+  const std::vector<int64_t> offsets = hidden_offsets(input.size(0), weights);
+  AT_DISPATCH_FLOATING_TYPES(t.x.scalar_type(), "fastmlp_mlp_backward_cpu", [&] {
+    std::vector<scalar_t*> gw, gb;
+    const NarrowChain<scalar_t> chain = t.chain<scalar_t>(last_relu, gw, gb);
+    SavedChain<scalar_t> saved;
+    saved.hidden = h.const_data_ptr<scalar_t>();
+    saved.hidden_at = offsets;
+    saved.output = out.defined() ? out.const_data_ptr<scalar_t>() : nullptr;
+    saved.grad_output = go.const_data_ptr<scalar_t>();
+    const int64_t partials = narrow_backward_partials(chain);
+    const int64_t scratch = partials * narrow_backward_scratch(chain, (chain.batch + partials - 1) / partials);
+    auto [workspace, ws] = partial_workspace<scalar_t>(t.x, partials, chain.grad_elems, scratch);
+    narrow_backward(chain, saved, partials, gw, gb, ws, ws + (partials - 1) * chain.grad_elems);
+  });
+  return t.gradients();
+}
+
 }  // namespace
 }  // namespace fastmlp::cpu
 
@@ -62,5 +96,5 @@ TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
   m.impl("linear_act", &fastmlp::LayerOps<fastmlp::cpu::CpuKernels>::linear_act);
   m.impl("linear_act_backward", &fastmlp::LayerOps<fastmlp::cpu::CpuKernels>::linear_act_backward);
   m.impl("mlp_forward", &fastmlp::cpu::mlp_forward);
-  m.impl("mlp_backward", &fastmlp::LayerOps<fastmlp::cpu::CpuKernels>::mlp_backward);
+  m.impl("mlp_backward", &fastmlp::cpu::mlp_backward);
 }

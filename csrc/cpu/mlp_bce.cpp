@@ -30,9 +30,8 @@ using Layers = LayerOps<CpuKernels>;
 using Bce = BceOps<CpuBceKernels>;
 
 constexpr int64_t kTileRows = 1024;  // 784 float features: ~3 MB of input per tile, inside L3
-constexpr int64_t kMinTiledBatch = 256;
+constexpr int64_t kMinTiledBatch = kRowPartialsMaxBatch;  // smaller batches: row partials
 constexpr int64_t kMaxPartials = 16;  // bounds the partial-gradient memory
-constexpr int64_t kMaxHidden = 128;
 
 using StepResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
@@ -46,7 +45,7 @@ bool chain_eligible(const at::Tensor& input, at::TensorList weights) {
   if (input.size(0) == 0) return false;
   if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
   for (size_t l = 0; l + 1 < weights.size(); ++l) {
-    if (weights[l].size(0) > kMaxHidden) return false;
+    if (weights[l].size(0) > kMaxPartialHidden) return false;
   }
   return true;
 }
@@ -68,76 +67,33 @@ StepResult small_batch_step(const at::Tensor& input, const at::Tensor& target, a
                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
                             int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
                             const c10::List<bool>& bias_mask) {
-  const size_t layers = weights.size();
-  TORCH_CHECK(weight_mask.size() == layers && bias_mask.size() == layers,
-              "fastmlp.mlp_bce_step: expected one weight_mask and bias_mask entry per layer (", layers, "), got ",
-              weight_mask.size(), " and ", bias_mask.size());
-  BelowAutograd below_autograd;
-  const int64_t batch = input.size(0), out_features = weights.back().size(0);
-  const at::Tensor x = input.stride(1) == 1 ? input : input.contiguous();
+  TORCH_CHECK(weight_mask.size() == weights.size() && bias_mask.size() == weights.size(),
+              "fastmlp.mlp_bce_step: expected one weight_mask and bias_mask entry per layer (", weights.size(),
+              "), got ", weight_mask.size(), " and ", bias_mask.size());
   const at::Tensor y = target.contiguous();  // the logits' shape, dtype and device
   check_bce_pattern(weight, y, "weight");
   check_bce_pattern(pos_weight, y, "pos_weight");
+  BelowAutograd below_autograd;
+  ChainTensors t(input, weights, biases, input_grad, weight_mask, bias_mask);
   const at::Tensor weight_pattern = bce_pattern(weight), pos_weight_pattern = bce_pattern(pos_weight);
-  std::vector<at::Tensor> w(layers), b(layers), grad_w(layers), grad_b(layers);
-  size_t lowest = layers;  // the lowest layer backward visits
-  for (size_t l = 0; l < layers; ++l) {
-    w[l] = weights[l].contiguous();
-    const c10::optional<at::Tensor> bias = biases.get(l);
-    if (bias.has_value() && bias->defined()) b[l] = bias->contiguous();
-    if (weight_mask[l]) grad_w[l] = at::empty(w[l].sizes(), x.options());
-    if (bias_mask[l]) grad_b[l] = at::empty({w[l].size(0)}, x.options());
-    if (lowest == layers && (weight_mask[l] || bias_mask[l])) lowest = l;
-  }
-  at::Tensor grad_input = input_grad ? at::empty(x.sizes(), x.options()) : at::Tensor();
-  if (input_grad) lowest = 0;
-  const double mean_scale = reduction == kReductionMean ? 1.0 / static_cast<double>(batch * out_features) : 1.0;
+  const double mean_scale = reduction == kReductionMean ? 1.0 / static_cast<double>(y.numel()) : 1.0;
   double loss_sum = 0;
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_small_batch_step", [&] {
-    StepProblem<scalar_t> p;
-    p.x = x.const_data_ptr<scalar_t>();
-    p.ldx = x.stride(0);
-    p.batch = batch;
-    p.target = y.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(t.x.scalar_type(), "fastmlp_small_batch_step", [&] {
+    std::vector<scalar_t*> gw, gb;
+    const NarrowChain<scalar_t> chain = t.chain<scalar_t>(last_relu, gw, gb);
+    StepLoss<scalar_t> loss;
+    loss.target = y.const_data_ptr<scalar_t>();
     std::vector<scalar_t> weight_ext, pos_weight_ext;
-    p.weight = vec_pattern(weight_pattern, weight_ext);
-    p.pos_weight = vec_pattern(pos_weight_pattern, pos_weight_ext);
-    p.grad_scale = static_cast<scalar_t>(mean_scale);
-    p.lowest = lowest;
-    p.grad_input = input_grad ? grad_input.data_ptr<scalar_t>() : nullptr;
-    std::vector<scalar_t*> gw(layers, nullptr), gb(layers, nullptr);
-    for (size_t l = 0; l < layers; ++l) {
-      StepLayer<scalar_t> layer;
-      layer.w = w[l].const_data_ptr<scalar_t>();
-      layer.bias = b[l].defined() ? b[l].const_data_ptr<scalar_t>() : nullptr;
-      layer.N = w[l].size(0);
-      layer.K = w[l].size(1);
-      layer.relu = l + 1 < layers || last_relu;
-      layer.want_w = weight_mask[l];
-      layer.want_b = bias_mask[l];
-      layer.grad_w_at = p.grad_elems;
-      p.grad_elems += layer.want_w ? layer.N * layer.K : 0;
-      layer.grad_b_at = p.grad_elems;
-      p.grad_elems += layer.want_b ? layer.N : 0;
-      p.layers.push_back(layer);
-      if (layer.want_w) gw[l] = grad_w[l].data_ptr<scalar_t>();
-      if (layer.want_b) gb[l] = grad_b[l].data_ptr<scalar_t>();
-    }
-    const int64_t partials = step_partials(p);
-    const int64_t scratch = partials * step_scratch_elems(p, (batch + partials - 1) / partials);
-    // One allocation: the partials' gradients (all but the first), then the scratch.
-    at::Tensor workspace = at::empty({(partials - 1) * p.grad_elems + scratch}, x.options());
-    scalar_t* ws = workspace.data_ptr<scalar_t>();
-    loss_sum = narrow_step(p, partials, gw, gb, ws, ws + (partials - 1) * p.grad_elems);
+    loss.weight = vec_pattern(weight_pattern, weight_ext);
+    loss.pos_weight = vec_pattern(pos_weight_pattern, pos_weight_ext);
+    loss.grad_scale = static_cast<scalar_t>(mean_scale);
+    const int64_t partials = narrow_step_partials(chain);
+    const int64_t scratch = partials * narrow_step_scratch(chain, (chain.batch + partials - 1) / partials);
+    auto [workspace, ws] = partial_workspace<scalar_t>(t.x, partials, chain.grad_elems, scratch);
+    loss_sum = narrow_step(chain, loss, partials, gw, gb, ws, ws + (partials - 1) * chain.grad_elems);
   });
-
-  at::Tensor loss = at::scalar_tensor(loss_sum * mean_scale, x.options());
-  for (size_t l = 0; l < layers; ++l) {
-    grad_w[l] = or_empty(grad_w[l], x);
-    grad_b[l] = or_empty(grad_b[l], x);
-  }
-  return {loss, or_empty(grad_input, x), grad_w, grad_b};
+  auto [grad_input, grad_w, grad_b] = t.gradients();
+  return {at::scalar_tensor(loss_sum * mean_scale, t.x.options()), grad_input, grad_w, grad_b};
 }
 
 StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,

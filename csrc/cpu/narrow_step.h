@@ -1,21 +1,25 @@
-// The whole training step of a narrow chain on a small batch, in one parallel
-// region (fastmlp::mlp_bce_step on CPU, batches under kMinTiledBatch rows).
+// A narrow chain's training step, or its backward, on a small batch in one
+// parallel region (CPU fastmlp::mlp_bce_step and mlp_backward, batches under
+// kRowPartialsMaxBatch rows).
 //
 // The batch is cut into a few row partials (how many depends on the shapes
-// only). One worker runs a partial from start to finish: the forward through
-// every layer, the loss and the logits gradient, the backward, and the
-// partial's parameter gradients; then the partials are added in order. So a
-// step wakes the thread pool once instead of once per kernel (on this VM a
-// sleeping worker takes 10-20 µs to wake, as much as half the arithmetic of a
-// batch-64 step of 784 -> 30 -> 1), each worker's rows stay in its own cache,
-// and the result does not depend on the thread count.
+// only). One worker runs a partial from start to finish: for the step the
+// forward through every layer, the loss and the logits gradient, then the
+// backward; for mlp_backward only the backward from the saved activations. A
+// partial writes its own parameter gradients; the partials are then added in
+// order. So a step wakes the thread pool once instead of once per kernel, each
+// worker's rows stay in its own cache, and the result does not depend on the
+// thread count.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
+#include <utility>
 #include <vector>
 
+#include "common/layer_ops.h"  // or_empty
 #include "common/math.h"
 #include "cpu/bce_backend.h"
 #include "cpu/narrow_gemm.h"
@@ -23,12 +27,14 @@
 
 namespace fastmlp::cpu {
 
-constexpr int64_t kStepPartialRows = 32;   // rows per partial, at least
+constexpr int64_t kRowPartialsMaxBatch = 256;       // batches below this run as row partials
+constexpr int64_t kMaxPartialHidden = 128;          // widest hidden layer they serve
+constexpr int64_t kStepPartialRows = 32;            // rows per partial, at least
 constexpr int64_t kMaxStepPartials = 8;
 constexpr int64_t kMaxStepPartialBytes = 16 << 20;  // bounds the partial gradients' memory
 
 // One layer of the chain: y = act(in @ w.T + bias), w contiguous [N, K].
-template <typename T> struct StepLayer {
+template <typename T> struct ChainLayer {
   const T* w = nullptr;
   const T* bias = nullptr;  // or nullptr
   int64_t N = 0, K = 0;
@@ -37,18 +43,20 @@ template <typename T> struct StepLayer {
   int64_t grad_w_at = 0, grad_b_at = 0;  // offsets of this layer's gradients in a partial's slot
 };
 
-// The step's operands, as raw pointers: x [B, K0] with unit column stride,
-// target [B, N_out] contiguous, the loss weight patterns (VecPattern).
-template <typename T> struct StepProblem {
+// A chain over a batch, as raw pointers: x [B, K0] with unit column stride.
+template <typename T> struct NarrowChain {
   const T* x = nullptr;
   int64_t ldx = 0, batch = 0;
-  const T* target = nullptr;
-  VecPattern<T> weight, pos_weight;
-  std::vector<StepLayer<T>> layers;
-  T grad_scale = T(1);     // 1 / (B * N_out) for a mean, else 1
-  size_t lowest = 0;       // layers below this one are not visited by backward
+  std::vector<ChainLayer<T>> layers;
+  size_t lowest = 0;        // backward visits layers lowest .. L-1
   T* grad_input = nullptr;  // [B, K0] contiguous, or nullptr
-  int64_t grad_elems = 0;  // parameter gradient elements per partial
+  int64_t grad_elems = 0;   // parameter gradient elements per partial
+
+  int64_t widest() const {
+    int64_t w = 0;
+    for (const auto& layer : layers) w = std::max(w, std::max(layer.N, layer.K));
+    return w;
+  }
 };
 
 // out[b, k] = sum_n g[b, n] * w[n, k] (n in order) for `rows` rows: the
@@ -92,54 +100,15 @@ FASTMLP_ALWAYS_INLINE void input_grad_rows_impl(const T* g, int64_t N, const T* 
 }
 FASTMLP_ISA_ENTRY(input_grad_rows, input_grad_rows_impl)
 
-// Scratch of one partial: every layer's output, and two gradient buffers.
-template <typename T> int64_t step_scratch_elems(const StepProblem<T>& p, int64_t rows) {
-  int64_t total = 0, widest = 0;
-  for (const auto& layer : p.layers) {
-    total += layer.N;
-    widest = std::max(widest, std::max(layer.N, layer.K));
-  }
-  return rows * (total + 2 * widest);
-}
-
-// Rows [r0, r1) of the step: writes the partial's parameter gradients at
-// `grads` (laid out by grad_w_at / grad_b_at), its rows of grad_input, and
-// returns the partial's loss sum.
+// The backward of rows [r0, r0 + rows). out[l]: layer l's output of these
+// rows (row stride N_l); g: d loss / d (last layer's output) of these rows,
+// [rows, N_L], overwritten; g_next: scratch of rows x widest. Writes the
+// gradients wanted at grad_w / grad_b (per layer) and the rows of grad_input.
 template <typename T>
-double narrow_step_partial(const StepProblem<T>& p, int64_t r0, int64_t r1, T* scratch, T* const* grad_w,
-                           T* const* grad_b) {
-  const size_t L = p.layers.size();
-  const int64_t rows = r1 - r0;
-  // Forward: every layer's output of these rows, in scratch.
-  std::vector<T*> out(L);
-  T* at = scratch;
-  int64_t widest = 0;
-  for (size_t l = 0; l < L; ++l) {
-    out[l] = at;
-    at += rows * p.layers[l].N;
-    widest = std::max(widest, std::max(p.layers[l].N, p.layers[l].K));
-  }
-  T* g = at;
-  T* g_next = at + rows * widest;
-  const T* in = p.x + r0 * p.ldx;
-  int64_t ld = p.ldx;
-  for (size_t l = 0; l < L; ++l) {
-    const StepLayer<T>& layer = p.layers[l];
-    // The dot form: at these row counts packing the weights for the outer form costs more than it saves.
-    narrow_forward_rows<T>(in, ld, layer.w, layer.K, static_cast<const T*>(nullptr), int64_t(0), layer.bias,
-                           layer.relu, out[l], layer.N, layer.K, int64_t(0), rows, rows);
-    in = out[l];
-    ld = layer.N;
-  }
-  // Loss and the logits gradient (scaled for a mean) in one pass. The loss
-  // weights repeat along each row (step_eligible), so they are indexed within the rows.
-  const int64_t n_out = p.layers.back().N;
-  const double loss = bce_forward_vec(static_cast<const T*>(out[L - 1]), p.target + r0 * n_out, p.weight,
-                                      p.pos_weight, static_cast<T*>(nullptr), g, p.grad_scale, int64_t(0),
-                                      rows * n_out);
-  // Backward: g is the gradient of layer l's output.
-  for (size_t l = L; l-- > p.lowest;) {
-    const StepLayer<T>& layer = p.layers[l];
+void narrow_backward_rows(const NarrowChain<T>& c, int64_t r0, int64_t rows, const T* const* out, T* g, T* g_next,
+                          T* const* grad_w, T* const* grad_b) {
+  for (size_t l = c.layers.size(); l-- > c.lowest;) {
+    const ChainLayer<T>& layer = c.layers[l];
     const int64_t N = layer.N, K = layer.K;
     if (layer.relu) {
       const T* y = out[l];
@@ -151,79 +120,263 @@ double narrow_step_partial(const StepProblem<T>& p, int64_t r0, int64_t r1, T* s
       for (int64_t b = 0; b < rows; ++b)
         for (int64_t n = 0; n < N; ++n) db[n] += g[b * N + n];
     }
-    const T* layer_in = l == 0 ? p.x + r0 * p.ldx : out[l - 1];
-    const int64_t ld_in = l == 0 ? p.ldx : K;
     if (layer.want_w) {
+      const T* in = l == 0 ? c.x + r0 * c.ldx : out[l - 1];
       const int64_t blocks = (K + kWeightGradCols - 1) / kWeightGradCols;
-      narrow_weight_grad_blocks<T>(layer_in, ld_in, static_cast<const T*>(g), N, grad_w[l], N, K, rows, int64_t(0),
-                                   blocks);
+      narrow_weight_grad_blocks<T>(in, l == 0 ? c.ldx : K, static_cast<const T*>(g), N, grad_w[l], N, K, rows,
+                                   int64_t(0), blocks);
     }
-    if (l > p.lowest) {
+    if (l > c.lowest) {
       input_grad_rows<T>(static_cast<const T*>(g), N, layer.w, K, g_next, K, rows);
       std::swap(g, g_next);
-    } else if (l == 0 && p.grad_input != nullptr) {
-      input_grad_rows<T>(static_cast<const T*>(g), N, layer.w, K, p.grad_input + r0 * K, K, rows);
+    } else if (l == 0 && c.grad_input != nullptr) {
+      input_grad_rows<T>(static_cast<const T*>(g), N, layer.w, K, c.grad_input + r0 * K, K, rows);
     }
   }
-  return loss;
 }
 
-// Partials for a batch: whole partials of kStepPartialRows rows or more, one
-// when the step is too small to be worth a second thread. Shapes only.
-template <typename T> int64_t step_partials(const StepProblem<T>& p) {
-  int64_t macs_per_row = 0, params = 0;
-  for (const auto& layer : p.layers) {
-    macs_per_row += 2 * layer.N * layer.K;  // forward and weight gradient
-    params += layer.N * (layer.K + 1);
-  }
-  if (p.batch * macs_per_row < 2 * kMinTaskMacs) return 1;
-  const int64_t by_rows = (p.batch + kStepPartialRows - 1) / kStepPartialRows;
-  const int64_t by_memory = std::max<int64_t>(1, kMaxStepPartialBytes / std::max<int64_t>(1, params * sizeof(T)));
+// How many partials: whole partials of kStepPartialRows rows or more, one when
+// the work (`macs_per_row`) is too small to be worth a second thread. Shapes only.
+template <typename T> int64_t row_partials(const NarrowChain<T>& c, int64_t macs_per_row) {
+  int64_t params = 0;
+  for (const auto& layer : c.layers) params += layer.N * (layer.K + 1);
+  if (c.batch * macs_per_row < 2 * kMinTaskMacs) return 1;
+  const int64_t by_rows = (c.batch + kStepPartialRows - 1) / kStepPartialRows;
+  const int64_t by_memory =
+      std::max<int64_t>(1, kMaxStepPartialBytes / std::max<int64_t>(1, params * static_cast<int64_t>(sizeof(T))));
   return std::clamp<int64_t>(std::min(by_rows, by_memory), 1, kMaxStepPartials);
 }
 
-// Runs the step; the parameter gradients of partial 0 go to `grad_w` /
-// `grad_b` (per layer, nullptr where not wanted), the others to `partial_grads`
-// ((partials - 1) slots of p.grad_elems) and are then added in order.
-// Returns the loss sum (before the mean's scaling).
-template <typename T>
-double narrow_step(const StepProblem<T>& p, int64_t partials, const std::vector<T*>& grad_w,
-                   const std::vector<T*>& grad_b, T* partial_grads, T* scratch) {
-  const size_t L = p.layers.size();
-  const int64_t rows_per = (p.batch + partials - 1) / partials;
-  const int64_t scratch_per = step_scratch_elems(p, rows_per);
-  std::vector<double> loss(partials, 0.0);
+// Runs `partial(r0, r1, scratch, grad_w, grad_b) -> double` for every partial
+// in one parallel region: partial 0 writes the parameter gradients at grad_w /
+// grad_b (per layer, nullptr where not wanted), the others at their slot of
+// `partial_grads` ((partials - 1) slots of c.grad_elems); then the slots are
+// added to partial 0's in order. Returns the sum of what the partials return.
+template <typename T, typename Partial>
+double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scratch_per_partial,
+                        const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, T* partial_grads, T* scratch,
+                        const Partial& partial) {
+  const size_t L = c.layers.size();
+  const int64_t rows_per = (c.batch + partials - 1) / partials;
+  std::vector<double> result(partials, 0.0);
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
     std::vector<T*> gw(L), gb(L);
     for (int64_t q = begin; q < end; ++q) {
+      T* slot = partial_grads + (q - 1) * c.grad_elems;
       for (size_t l = 0; l < L; ++l) {
-        T* slot = partial_grads + (q - 1) * p.grad_elems;
-        gw[l] = q == 0 ? grad_w[l] : (grad_w[l] ? slot + p.layers[l].grad_w_at : nullptr);
-        gb[l] = q == 0 ? grad_b[l] : (grad_b[l] ? slot + p.layers[l].grad_b_at : nullptr);
+        gw[l] = q == 0 || !grad_w[l] ? grad_w[l] : slot + c.layers[l].grad_w_at;
+        gb[l] = q == 0 || !grad_b[l] ? grad_b[l] : slot + c.layers[l].grad_b_at;
       }
-      const int64_t r0 = q * rows_per, r1 = std::min(p.batch, r0 + rows_per);
-      loss[q] = narrow_step_partial(p, r0, r1, scratch + q * scratch_per, gw.data(), gb.data());
+      const int64_t r0 = q * rows_per, r1 = std::min(c.batch, r0 + rows_per);
+      result[q] = partial(r0, r1, scratch + q * scratch_per_partial, gw.data(), gb.data());
     }
   });
-  // Partial q > 0 added to partial 0 in order, element by element.
-  for (size_t l = 0; l < L; ++l) {
-    for (int which = 0; which < 2; ++which) {
-      T* dst = which == 0 ? grad_w[l] : grad_b[l];
-      if (dst == nullptr || partials == 1) continue;
-      const StepLayer<T>& layer = p.layers[l];
-      const int64_t at = which == 0 ? layer.grad_w_at : layer.grad_b_at;
-      const int64_t n = which == 0 ? layer.N * layer.K : layer.N;
-      at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+  for (size_t l = 0; l < L && partials > 1; ++l) {
+    const ChainLayer<T>& layer = c.layers[l];
+    for (const auto& [dst, offset, n] : {std::make_tuple(grad_w[l], layer.grad_w_at, layer.N * layer.K),
+                                         std::make_tuple(grad_b[l], layer.grad_b_at, layer.N)}) {
+      if (dst == nullptr) continue;
+      at::parallel_for(0, n, 16384, [&, dst = dst, offset = offset](int64_t begin, int64_t end) {
         for (int64_t q = 1; q < partials; ++q) {
-          const T* src = partial_grads + (q - 1) * p.grad_elems + at;
+          const T* src = partial_grads + (q - 1) * c.grad_elems + offset;
           for (int64_t i = begin; i < end; ++i) dst[i] += src[i];
         }
       });
     }
   }
   double total = 0;
-  for (double v : loss) total += v;
+  for (double v : result) total += v;
   return total;
+}
+
+// The loss side of the step: target [B, N_out] contiguous, the loss weight
+// patterns (repeating along each row), the logits gradient's scale.
+template <typename T> struct StepLoss {
+  const T* target = nullptr;
+  VecPattern<T> weight, pos_weight;
+  T grad_scale = T(1);  // 1 / (B * N_out) for a mean, else 1
+};
+
+// The whole step: partials, scratch elements per partial, and the run, which
+// returns the loss sum (before a mean's scaling).
+template <typename T> int64_t narrow_step_partials(const NarrowChain<T>& c) {
+  int64_t macs_per_row = 0;
+  for (const auto& layer : c.layers) macs_per_row += 2 * layer.N * layer.K;  // forward and weight gradient
+  return row_partials(c, macs_per_row);
+}
+
+template <typename T> int64_t narrow_step_scratch(const NarrowChain<T>& c, int64_t rows) {
+  int64_t outputs = 0;
+  for (const auto& layer : c.layers) outputs += layer.N;
+  return rows * (outputs + 2 * c.widest());
+}
+
+template <typename T>
+double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, int64_t partials, const std::vector<T*>& grad_w,
+                   const std::vector<T*>& grad_b, T* partial_grads, T* scratch) {
+  const size_t L = c.layers.size();
+  const int64_t rows_per = (c.batch + partials - 1) / partials;
+  const int64_t widest = c.widest(), n_out = c.layers.back().N;
+  auto partial = [&](int64_t r0, int64_t r1, T* work, T* const* gw, T* const* gb) {
+    const int64_t rows = r1 - r0;
+    std::vector<T*> out(L);
+    for (size_t l = 0; l < L; ++l) {
+      out[l] = work;
+      work += rows * c.layers[l].N;
+    }
+    T* g = work;
+    const T* in = c.x + r0 * c.ldx;
+    int64_t ld = c.ldx;
+    for (size_t l = 0; l < L; ++l) {
+      const ChainLayer<T>& layer = c.layers[l];
+      // The dot form: at these row counts packing the weights for the outer form costs more than it saves.
+      narrow_forward_rows<T>(in, ld, layer.w, layer.K, static_cast<const T*>(nullptr), int64_t(0), layer.bias,
+                             layer.relu, out[l], layer.N, layer.K, int64_t(0), rows, rows);
+      in = out[l];
+      ld = layer.N;
+    }
+    // Loss and logits gradient in one pass; the weights repeat per row, so
+    // they are indexed within these rows.
+    const double sum = bce_forward_vec(static_cast<const T*>(out[L - 1]), loss.target + r0 * n_out, loss.weight,
+                                       loss.pos_weight, static_cast<T*>(nullptr), g, loss.grad_scale, int64_t(0),
+                                       rows * n_out);
+    narrow_backward_rows(c, r0, rows, out.data(), g, g + rows * widest, gw, gb);
+    return sum;
+  };
+  return run_row_partials(c, partials, narrow_step_scratch(c, rows_per), grad_w, grad_b, partial_grads, scratch,
+                          partial);
+}
+
+// The backward alone, from saved activations: hidden (layer l's output at
+// hidden_at[l], [B, N_l] contiguous), output (the last layer's, read when its
+// ReLU is applied), grad_output [B, N_L] contiguous.
+template <typename T> struct SavedChain {
+  const T* hidden = nullptr;
+  std::vector<int64_t> hidden_at;
+  const T* output = nullptr;
+  const T* grad_output = nullptr;
+};
+
+template <typename T> int64_t narrow_backward_partials(const NarrowChain<T>& c) {
+  int64_t macs_per_row = 0;
+  for (size_t l = c.lowest; l < c.layers.size(); ++l) {
+    const ChainLayer<T>& layer = c.layers[l];
+    macs_per_row += layer.N * layer.K * ((layer.want_w ? 1 : 0) + (l > c.lowest || c.grad_input ? 1 : 0));
+  }
+  return row_partials(c, macs_per_row);
+}
+
+template <typename T> int64_t narrow_backward_scratch(const NarrowChain<T>& c, int64_t rows) {
+  return rows * 2 * c.widest();
+}
+
+template <typename T>
+void narrow_backward(const NarrowChain<T>& c, const SavedChain<T>& saved, int64_t partials,
+                     const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, T* partial_grads, T* scratch) {
+  const size_t L = c.layers.size();
+  const int64_t rows_per = (c.batch + partials - 1) / partials;
+  const int64_t widest = c.widest(), n_out = c.layers.back().N;
+  auto partial = [&](int64_t r0, int64_t r1, T* work, T* const* gw, T* const* gb) {
+    const int64_t rows = r1 - r0;
+    std::vector<const T*> out(L);
+    for (size_t l = 0; l + 1 < L; ++l) out[l] = saved.hidden + saved.hidden_at[l] + r0 * c.layers[l].N;
+    out[L - 1] = saved.output ? saved.output + r0 * n_out : nullptr;
+    std::copy(saved.grad_output + r0 * n_out, saved.grad_output + r1 * n_out, work);
+    narrow_backward_rows(c, r0, rows, out.data(), work, work + rows * widest, gw, gb);
+    return 0.0;
+  };
+  run_row_partials(c, partials, narrow_backward_scratch(c, rows_per), grad_w, grad_b, partial_grads, scratch,
+                   partial);
+}
+
+// Whether row partials serve this chain: float / double, a batch of 1 to
+// kRowPartialsMaxBatch - 1 rows, hidden layers at most kMaxPartialHidden wide.
+inline bool row_partials_eligible(const at::Tensor& input, at::TensorList weights) {
+  const int64_t batch = input.size(0);
+  if (batch == 0 || batch >= kRowPartialsMaxBatch) return false;
+  if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
+  for (size_t l = 0; l + 1 < weights.size(); ++l) {
+    if (weights[l].size(0) > kMaxPartialHidden) return false;
+  }
+  return true;
+}
+
+// The tensors behind a NarrowChain: the input with unit column stride,
+// contiguous weights and biases, and the gradients asked for (allocated here).
+struct ChainTensors {
+  at::Tensor x, grad_input;
+  std::vector<at::Tensor> w, b, grad_w, grad_b;
+  size_t lowest;
+
+  ChainTensors(const at::Tensor& input, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
+               bool input_grad, const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask)
+      : x(input.stride(1) == 1 ? input : input.contiguous()),
+        w(weights.size()),
+        b(weights.size()),
+        grad_w(weights.size()),
+        grad_b(weights.size()),
+        lowest(weights.size()) {
+    for (size_t l = 0; l < weights.size(); ++l) {
+      w[l] = weights[l].contiguous();
+      const c10::optional<at::Tensor> bias = biases.get(l);
+      if (bias.has_value() && bias->defined()) b[l] = bias->contiguous();
+      if (weight_mask[l]) grad_w[l] = at::empty(w[l].sizes(), x.options());
+      if (bias_mask[l]) grad_b[l] = at::empty({w[l].size(0)}, x.options());
+      if (lowest == weights.size() && (weight_mask[l] || bias_mask[l])) lowest = l;
+    }
+    if (input_grad) {
+      grad_input = at::empty(x.sizes(), x.options());
+      lowest = 0;
+    }
+  }
+
+  // The chain as pointers; gw / gb get each layer's gradient (nullptr where not wanted).
+  template <typename T> NarrowChain<T> chain(bool last_relu, std::vector<T*>& gw, std::vector<T*>& gb) {
+    NarrowChain<T> c;
+    c.x = x.const_data_ptr<T>();
+    c.ldx = x.stride(0);
+    c.batch = x.size(0);
+    c.lowest = lowest;
+    c.grad_input = grad_input.defined() ? grad_input.data_ptr<T>() : nullptr;
+    gw.assign(w.size(), nullptr);
+    gb.assign(w.size(), nullptr);
+    for (size_t l = 0; l < w.size(); ++l) {
+      ChainLayer<T> layer;
+      layer.w = w[l].const_data_ptr<T>();
+      layer.bias = b[l].defined() ? b[l].const_data_ptr<T>() : nullptr;
+      layer.N = w[l].size(0);
+      layer.K = w[l].size(1);
+      layer.relu = l + 1 < w.size() || last_relu;
+      layer.want_w = grad_w[l].defined();
+      layer.want_b = grad_b[l].defined();
+      layer.grad_w_at = c.grad_elems;
+      c.grad_elems += layer.want_w ? layer.N * layer.K : 0;
+      layer.grad_b_at = c.grad_elems;
+      c.grad_elems += layer.want_b ? layer.N : 0;
+      c.layers.push_back(layer);
+      if (layer.want_w) gw[l] = grad_w[l].data_ptr<T>();
+      if (layer.want_b) gb[l] = grad_b[l].data_ptr<T>();
+    }
+    return c;
+  }
+
+  // The op contract's gradients: empty tensors for those not asked for.
+  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gradients() const {
+    std::vector<at::Tensor> gw(w.size()), gb(w.size());
+    for (size_t l = 0; l < w.size(); ++l) {
+      gw[l] = or_empty(grad_w[l], x);
+      gb[l] = or_empty(grad_b[l], x);
+    }
+    return {or_empty(grad_input, x), gw, gb};
+  }
+};
+
+// One allocation for the partials' gradients (all but the first) and the scratch.
+template <typename T>
+std::pair<at::Tensor, T*> partial_workspace(const at::Tensor& like, int64_t partials, int64_t grad_elems,
+                                            int64_t scratch) {
+  at::Tensor ws = at::empty({(partials - 1) * grad_elems + scratch}, like.options());
+  return {ws, ws.data_ptr<T>()};
 }
 
 }  // namespace fastmlp::cpu
