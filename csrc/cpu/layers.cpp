@@ -83,7 +83,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     saved.grad_output = go.const_data_ptr<scalar_t>();
     const int64_t partials = narrow_backward_partials(chain);
     const int64_t scratch = partials * narrow_backward_scratch(chain, (chain.batch + partials - 1) / partials);
-    auto [workspace, ws] = partial_workspace<scalar_t>(t.x, partials, chain.grad_elems, scratch);
+    at::Tensor large;  // owns the workspace when it is too large to keep
+    scalar_t* ws = partial_workspace<scalar_t>(partials, chain.grad_elems, scratch, large);
     narrow_backward(chain, saved, partials, gw, gb, ws, ws + (partials - 1) * chain.grad_elems);
   });
   return t.gradients();

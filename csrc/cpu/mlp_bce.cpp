@@ -89,7 +89,8 @@ StepResult small_batch_step(const at::Tensor& input, const at::Tensor& target, a
     loss.grad_scale = static_cast<scalar_t>(mean_scale);
     const int64_t partials = narrow_step_partials(chain);
     const int64_t scratch = partials * narrow_step_scratch(chain, (chain.batch + partials - 1) / partials);
-    auto [workspace, ws] = partial_workspace<scalar_t>(t.x, partials, chain.grad_elems, scratch);
+    at::Tensor large;  // owns the workspace when it is too large to keep
+    scalar_t* ws = partial_workspace<scalar_t>(partials, chain.grad_elems, scratch, large);
     loss_sum = narrow_step(chain, loss, partials, gw, gb, ws, ws + (partials - 1) * chain.grad_elems);
   });
   auto [grad_input, grad_w, grad_b] = t.gradients();
