@@ -169,7 +169,7 @@ ROW_PARTIAL_SIZES = [300, 40, 20, 3]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["all", "first_layer_frozen", "input_only", "middle_frozen_no_input"])
 @pytest.mark.parametrize("last_relu", [False, True])
-@pytest.mark.parametrize("batch", [100, 255])
+@pytest.mark.parametrize("batch", [100, 255, 700])  # 4, 8, 8 partials (700: every layer <= 64 wide)
 def test_mlp_function_row_partials(device: str, case: str, last_relu: bool, batch: int) -> None:
     """Batches under 256 rows with work enough for several row partials (CPU:
     the backward in one parallel region), with a non-contiguous incoming gradient."""
@@ -192,10 +192,11 @@ def test_mlp_function_row_partials(device: str, case: str, last_relu: bool, batc
             assert t.grad is None, f"tensor {i} is frozen but got a gradient"
 
 
-def test_mlp_backward_row_partials_deterministic_over_threads() -> None:
+@pytest.mark.parametrize("batch", [100, 700])
+def test_mlp_backward_row_partials_deterministic_over_threads(batch: int) -> None:
     weights, biases = make_chain(3, True, torch.float32, "cpu", ROW_PARTIAL_SIZES)
-    x = torch.randn(100, ROW_PARTIAL_SIZES[0])
-    g = torch.randn(100, ROW_PARTIAL_SIZES[-1])
+    x = torch.randn(batch, ROW_PARTIAL_SIZES[0])
+    g = torch.randn(batch, ROW_PARTIAL_SIZES[-1])
     out, hidden = ops.mlp_forward(x, weights, biases, False)
     results = []
     for threads in (1, 2, 3, 2):
