@@ -27,7 +27,7 @@
 
 namespace fastmlp::cpu {
 
-// Batches under kRowPartialsSmallBatch rows run as row partials when every
+// Batches of up to kRowPartialsSmallBatch rows run as row partials when every
 // hidden layer is at most kMaxPartialHidden wide; up to kRowPartialsMaxBatch
 // rows when every layer is at most kNarrowMax wide (wider layers then do better
 // with BLAS and the tiled step: measured, 1000 -> 100 -> 10 at 512 rows).
@@ -308,7 +308,7 @@ inline bool row_partials_eligible(const at::Tensor& input, at::TensorList weight
   if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
   for (size_t l = 0; l < weights.size(); ++l) {
     const int64_t width = weights[l].size(0);
-    if (batch >= kRowPartialsSmallBatch ? width > kNarrowMax : (l + 1 < weights.size() && width > kMaxPartialHidden)) {
+    if (batch > kRowPartialsSmallBatch ? width > kNarrowMax : (l + 1 < weights.size() && width > kMaxPartialHidden)) {
       return false;
     }
   }
