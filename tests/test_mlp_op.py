@@ -140,27 +140,34 @@ FROZEN = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(FROZEN))
-@pytest.mark.parametrize("last_relu", [False, True])
-def test_mlp_function_frozen_subsets(device: str, case: str, last_relu: bool) -> None:
-    flags = FROZEN[case]
-    weights, biases = make_chain(3, True, torch.float64, device)
-    x = torch.randn(6, SIZES[0], dtype=torch.float64, device=device)
+def check_frozen_subset(
+    flags: Sequence[bool], sizes: Sequence[int], batch: int, last_relu: bool, device: str, strided_grad: bool
+) -> None:
+    """A 3-layer chain where ``flags`` say which of x, w0, b0, w1, b1, w2, b2
+    require grad: the gradients asked for match eager, the others stay None."""
+    weights, biases = make_chain(3, True, torch.float64, device, sizes)
+    x = torch.randn(batch, sizes[0], dtype=torch.float64, device=device)
     tensors = [x, *interleave(weights, biases)]
     for t, f in zip(tensors, flags, strict=True):
         t.requires_grad_(f)
     ref_tensors = [leaf(t, t.requires_grad) for t in tensors]
     out = mlp_apply(tensors[0], last_relu, *tensors[1:])
     ref = reference_chain(ref_tensors[0], ref_tensors[1::2], ref_tensors[2::2], last_relu)
-    g = torch.randn_like(ref)
+    g = torch.randn(sizes[3], batch, dtype=torch.float64, device=device).t() if strided_grad else torch.randn_like(ref)
     out.backward(g)
     ref.backward(g)
     for i, (t, r, f) in enumerate(zip(tensors, ref_tensors, flags, strict=True)):
         if f:
-            assert_close(t.grad, r.grad, msg=f"tensor {i}")
+            assert_close(t.grad, r.grad, reduction=batch, msg=f"tensor {i}")
         else:
             assert t.grad is None, f"tensor {i} is frozen but got a gradient"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(FROZEN))
+@pytest.mark.parametrize("last_relu", [False, True])
+def test_mlp_function_frozen_subsets(device: str, case: str, last_relu: bool) -> None:
+    check_frozen_subset(FROZEN[case], SIZES, 6, last_relu, device, strided_grad=False)
 
 
 ROW_PARTIAL_SIZES = [300, 40, 20, 3]
@@ -171,25 +178,10 @@ ROW_PARTIAL_SIZES = [300, 40, 20, 3]
 @pytest.mark.parametrize("last_relu", [False, True])
 @pytest.mark.parametrize("batch", [100, 255, 700])  # 4, 8, 8 partials (700: every layer <= 64 wide)
 def test_mlp_function_row_partials(device: str, case: str, last_relu: bool, batch: int) -> None:
-    """Batches under 256 rows with work enough for several row partials (CPU:
-    the backward in one parallel region), with a non-contiguous incoming gradient."""
+    """Batches with work enough for several row partials (CPU: the backward in
+    one parallel region), with a non-contiguous incoming gradient."""
     flags = [True] * 7 if case == "all" else FROZEN[case]
-    weights, biases = make_chain(3, True, torch.float64, device, ROW_PARTIAL_SIZES)
-    x = torch.randn(batch, ROW_PARTIAL_SIZES[0], dtype=torch.float64, device=device)
-    tensors = [x, *interleave(weights, biases)]
-    for t, f in zip(tensors, flags, strict=True):
-        t.requires_grad_(f)
-    ref_tensors = [leaf(t, t.requires_grad) for t in tensors]
-    out = mlp_apply(tensors[0], last_relu, *tensors[1:])
-    ref = reference_chain(ref_tensors[0], ref_tensors[1::2], ref_tensors[2::2], last_relu)
-    g = torch.randn(ROW_PARTIAL_SIZES[-1], batch, dtype=torch.float64, device=device).t()
-    out.backward(g)
-    ref.backward(g)
-    for i, (t, r, f) in enumerate(zip(tensors, ref_tensors, flags, strict=True)):
-        if f:
-            assert_close(t.grad, r.grad, reduction=batch, msg=f"tensor {i}")
-        else:
-            assert t.grad is None, f"tensor {i} is frozen but got a gradient"
+    check_frozen_subset(flags, ROW_PARTIAL_SIZES, batch, last_relu, device, strided_grad=True)
 
 
 @pytest.mark.parametrize("batch", [100, 700])
