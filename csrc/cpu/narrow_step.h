@@ -301,11 +301,17 @@ void narrow_backward(const NarrowChain<T>& c, const SavedChain<T>& saved, int64_
                    partial);
 }
 
-// Whether row partials serve this chain (float / double; see kRowPartialsSmallBatch).
+// Whether row partials serve this chain (float / double; see
+// kRowPartialsSmallBatch), and a second partial's gradients fit
+// kMaxStepPartialBytes (larger models keep the generic path, whose kernels
+// split the columns of each layer over the threads instead).
 inline bool row_partials_eligible(const at::Tensor& input, at::TensorList weights) {
   const int64_t batch = input.size(0);
   if (batch == 0 || batch > kRowPartialsMaxBatch) return false;
   if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
+  int64_t param_bytes = 0;
+  for (const at::Tensor& w : weights) param_bytes += (w.numel() + w.size(0)) * static_cast<int64_t>(input.element_size());
+  if (param_bytes > kMaxStepPartialBytes) return false;
   for (size_t l = 0; l < weights.size(); ++l) {
     const int64_t width = weights[l].size(0);
     if (batch > kRowPartialsSmallBatch ? width > kNarrowMax : (l + 1 < weights.size() && width > kMaxPartialHidden)) {
