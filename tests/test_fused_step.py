@@ -39,7 +39,7 @@ def _check_step(
 
 @pytest.mark.parametrize("batch", [1, 7, 64, 300, 1025, 2500])
 # On CUDA the first three run the fused chain kernel, the last (a 200-wide layer) the per-layer GEMMs.
-@pytest.mark.parametrize("sizes", [[784, 30, 1], [50, 100, 10], [33, 17, 9, 3], [20, 200, 2]])
+@pytest.mark.parametrize("sizes", [[784, 30, 1], [50, 100, 10], [33, 17, 9, 3], [20, 200, 2], [30, 20, 300]])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_matches_eager(device: str, batch: int, sizes: list[int], reduction: str) -> None:
     ref, loss_fn, clf = _eager_and_fused(sizes, device, reduction=reduction)

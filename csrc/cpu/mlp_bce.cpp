@@ -44,7 +44,7 @@ bool chain_eligible(const at::Tensor& input, at::TensorList weights) {
   if (input.size(0) == 0) return false;
   if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) return false;
   for (size_t l = 0; l + 1 < weights.size(); ++l) {
-    if (weights[l].size(0) > kMaxPartialHidden) return false;
+    if (weights[l].size(0) > kMaxPartialWidth) return false;
   }
   return true;
 }
