@@ -175,10 +175,10 @@ double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scrat
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
     std::vector<T*> gw(L), gb(L);
     for (int64_t q = begin; q < end; ++q) {
-      T* slot = partial_grads + (q - 1) * c.grad_elems;
+      T* slot = q == 0 ? nullptr : partial_grads + (q - 1) * c.grad_elems;
       for (size_t l = 0; l < L; ++l) {
-        gw[l] = q == 0 || !grad_w[l] ? grad_w[l] : slot + c.layers[l].grad_w_at;
-        gb[l] = q == 0 || !grad_b[l] ? grad_b[l] : slot + c.layers[l].grad_b_at;
+        gw[l] = slot == nullptr || grad_w[l] == nullptr ? grad_w[l] : slot + c.layers[l].grad_w_at;
+        gb[l] = slot == nullptr || grad_b[l] == nullptr ? grad_b[l] : slot + c.layers[l].grad_b_at;
       }
       const int64_t r0 = q * rows_per, r1 = std::min(c.batch, r0 + rows_per);
       result[q] = partial(r0, r1, scratch + q * scratch_per_partial, gw.data(), gb.data());
