@@ -81,11 +81,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     saved.hidden_at = offsets;
     saved.output = out.defined() ? out.const_data_ptr<scalar_t>() : nullptr;
     saved.grad_output = go.const_data_ptr<scalar_t>();
-    const int64_t partials = narrow_backward_partials(chain);
-    const int64_t scratch = partials * narrow_backward_scratch(chain, (chain.batch + partials - 1) / partials);
-    at::Tensor large;  // owns the workspace when it is too large to keep
-    scalar_t* ws = partial_workspace<scalar_t>(partials, chain.grad_elems, scratch, large);
-    narrow_backward(chain, saved, partials, gw, gb, ws, ws + (partials - 1) * chain.grad_elems);
+    narrow_backward(chain, saved, gw, gb);
   });
   return t.gradients();
 }

@@ -86,11 +86,7 @@ StepResult row_partials_step(const at::Tensor& input, const at::Tensor& target, 
     loss.weight = vec_pattern(weight_pattern, weight_ext);
     loss.pos_weight = vec_pattern(pos_weight_pattern, pos_weight_ext);
     loss.grad_scale = static_cast<scalar_t>(mean_scale);
-    const int64_t partials = narrow_step_partials(chain);
-    const int64_t scratch = partials * narrow_step_scratch(chain, (chain.batch + partials - 1) / partials);
-    at::Tensor large;  // owns the workspace when it is too large to keep
-    scalar_t* ws = partial_workspace<scalar_t>(partials, chain.grad_elems, scratch, large);
-    loss_sum = narrow_step(chain, loss, partials, gw, gb, ws, ws + (partials - 1) * chain.grad_elems);
+    loss_sum = narrow_step(chain, loss, gw, gb);
   });
   auto [grad_input, grad_w, grad_b] = t.gradients();
   return {at::scalar_tensor(loss_sum * mean_scale, t.x.options()), grad_input, grad_w, grad_b};

@@ -160,17 +160,39 @@ template <typename T> int64_t row_partials(const NarrowChain<T>& c, int64_t macs
   return partials;
 }
 
+// Memory for the partials' gradients (all but the first) and the scratch,
+// kept by the calling thread across calls up to kKeptWorkspaceBytes: a fresh
+// allocation of a few hundred KB comes from mmap and costs its page faults on
+// every call (measured: a batch-128 step of 784 -> 30 -> 1 took 137 or 260 µs
+// depending on glibc's trim state).
+constexpr int64_t kKeptWorkspaceBytes = 32 << 20;
+
+template <typename T> T* partial_workspace(int64_t partials, int64_t grad_elems, int64_t scratch, at::Tensor& owner) {
+  const int64_t n = (partials - 1) * grad_elems + scratch;
+  if (n * static_cast<int64_t>(sizeof(T)) > kKeptWorkspaceBytes) {
+    owner = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    return owner.data_ptr<T>();
+  }
+  thread_local std::vector<T> kept;
+  if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
+  return kept.data();
+}
+
 // Runs `partial(r0, r1, scratch, grad_w, grad_b) -> double` for every partial
-// in one parallel region: partial 0 writes the parameter gradients at grad_w /
-// grad_b (per layer, nullptr where not wanted), the others at their slot of
-// `partial_grads` ((partials - 1) slots of c.grad_elems); then the slots are
-// added to partial 0's in order. Returns the sum of what the partials return.
+// in one parallel region, each with scratch_per_row elements of scratch per
+// row: partial 0 writes the parameter gradients at grad_w / grad_b (per layer,
+// nullptr where not wanted), the others at their own slot of c.grad_elems;
+// then the slots are added to partial 0's in order. Returns the sum of what
+// the partials return.
 template <typename T, typename Partial>
-double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scratch_per_partial,
-                        const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, T* partial_grads, T* scratch,
-                        const Partial& partial) {
+double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scratch_per_row,
+                        const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, const Partial& partial) {
   const size_t L = c.layers.size();
   const int64_t rows_per = (c.batch + partials - 1) / partials;
+  const int64_t scratch_per_partial = rows_per * scratch_per_row;
+  at::Tensor large;  // owns the workspace when it is too large to keep
+  T* partial_grads = partial_workspace<T>(partials, c.grad_elems, partials * scratch_per_partial, large);
+  T* scratch = partial_grads + (partials - 1) * c.grad_elems;
   std::vector<double> result(partials, 0.0);
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
     std::vector<T*> gw(L), gb(L);
@@ -210,26 +232,17 @@ template <typename T> struct StepLoss {
   T grad_scale = T(1);  // 1 / (B * N_out) for a mean, else 1
 };
 
-// The whole step: partials, scratch elements per partial, and the run, which
-// returns the loss sum (before a mean's scaling).
-template <typename T> int64_t narrow_step_partials(const NarrowChain<T>& c) {
-  int64_t macs_per_row = 0;
-  for (const auto& layer : c.layers) macs_per_row += 2 * layer.N * layer.K;  // forward and weight gradient
-  return row_partials(c, macs_per_row);
-}
-
-template <typename T> int64_t narrow_step_scratch(const NarrowChain<T>& c, int64_t rows) {
-  int64_t outputs = 0;
-  for (const auto& layer : c.layers) outputs += layer.N;
-  return rows * (outputs + 2 * c.widest());
-}
-
+// The whole step; returns the loss sum (before a mean's scaling).
 template <typename T>
-double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, int64_t partials, const std::vector<T*>& grad_w,
-                   const std::vector<T*>& grad_b, T* partial_grads, T* scratch) {
+double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, const std::vector<T*>& grad_w,
+                   const std::vector<T*>& grad_b) {
   const size_t L = c.layers.size();
-  const int64_t rows_per = (c.batch + partials - 1) / partials;
   const int64_t widest = c.widest(), n_out = c.layers.back().N;
+  int64_t macs_per_row = 0, outputs = 0;
+  for (const auto& layer : c.layers) {
+    macs_per_row += 2 * layer.N * layer.K;  // forward and weight gradient
+    outputs += layer.N;
+  }
   auto partial = [&](int64_t r0, int64_t r1, T* work, T* const* gw, T* const* gb) {
     const int64_t rows = r1 - r0;
     std::vector<T*> out(L);
@@ -256,8 +269,8 @@ double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, int64_t par
     narrow_backward_rows(c, r0, rows, out.data(), g, g + rows * widest, gw, gb);
     return sum;
   };
-  return run_row_partials(c, partials, narrow_step_scratch(c, rows_per), grad_w, grad_b, partial_grads, scratch,
-                          partial);
+  // Scratch per row: every layer's output, and two gradient buffers.
+  return run_row_partials(c, row_partials(c, macs_per_row), outputs + 2 * widest, grad_w, grad_b, partial);
 }
 
 // The backward alone, from saved activations: hidden (layer l's output at
@@ -270,25 +283,16 @@ template <typename T> struct SavedChain {
   const T* grad_output = nullptr;
 };
 
-template <typename T> int64_t narrow_backward_partials(const NarrowChain<T>& c) {
+template <typename T>
+void narrow_backward(const NarrowChain<T>& c, const SavedChain<T>& saved, const std::vector<T*>& grad_w,
+                     const std::vector<T*>& grad_b) {
+  const size_t L = c.layers.size();
+  const int64_t widest = c.widest(), n_out = c.layers.back().N;
   int64_t macs_per_row = 0;
-  for (size_t l = c.lowest; l < c.layers.size(); ++l) {
+  for (size_t l = c.lowest; l < L; ++l) {
     const ChainLayer<T>& layer = c.layers[l];
     macs_per_row += layer.N * layer.K * ((layer.want_w ? 1 : 0) + (l > c.lowest || c.grad_input ? 1 : 0));
   }
-  return row_partials(c, macs_per_row);
-}
-
-template <typename T> int64_t narrow_backward_scratch(const NarrowChain<T>& c, int64_t rows) {
-  return rows * 2 * c.widest();
-}
-
-template <typename T>
-void narrow_backward(const NarrowChain<T>& c, const SavedChain<T>& saved, int64_t partials,
-                     const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, T* partial_grads, T* scratch) {
-  const size_t L = c.layers.size();
-  const int64_t rows_per = (c.batch + partials - 1) / partials;
-  const int64_t widest = c.widest(), n_out = c.layers.back().N;
   auto partial = [&](int64_t r0, int64_t r1, T* work, T* const* gw, T* const* gb) {
     const int64_t rows = r1 - r0;
     std::vector<const T*> out(L);
@@ -298,8 +302,8 @@ void narrow_backward(const NarrowChain<T>& c, const SavedChain<T>& saved, int64_
     narrow_backward_rows(c, r0, rows, out.data(), work, work + rows * widest, gw, gb);
     return 0.0;
   };
-  run_row_partials(c, partials, narrow_backward_scratch(c, rows_per), grad_w, grad_b, partial_grads, scratch,
-                   partial);
+  // Scratch per row: two gradient buffers.
+  run_row_partials(c, row_partials(c, macs_per_row), 2 * widest, grad_w, grad_b, partial);
 }
 
 // Whether row partials serve this chain (float / double; see
@@ -389,23 +393,5 @@ struct ChainTensors {
     return {or_empty(grad_input, x), gw, gb};
   }
 };
-
-// Memory for the partials' gradients (all but the first) and the scratch,
-// kept by the calling thread across calls up to kKeptWorkspaceBytes: a fresh
-// allocation of a few hundred KB comes from mmap and costs its page faults on
-// every call (measured: a batch-128 step of 784 -> 30 -> 1 took 137 or 260 µs
-// depending on glibc's trim state).
-constexpr int64_t kKeptWorkspaceBytes = 32 << 20;
-
-template <typename T> T* partial_workspace(int64_t partials, int64_t grad_elems, int64_t scratch, at::Tensor& owner) {
-  const int64_t n = (partials - 1) * grad_elems + scratch;
-  if (n * static_cast<int64_t>(sizeof(T)) > kKeptWorkspaceBytes) {
-    owner = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    return owner.data_ptr<T>();
-  }
-  thread_local std::vector<T> kept;
-  if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
-  return kept.data();
-}
 
 }  // namespace fastmlp::cpu
