@@ -80,6 +80,22 @@ for b in (255, 256, 1500):
     two = ops.mlp_forward(x, [w, w2], [bb, b2], False)
     if not (torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])):
         bad.append(f"float32 chain forward b={b}: 1 and 2 threads differ")
+# the weight gradient's feature ranges over 1, 2 and 3 threads: bitwise the
+# same (787 features: a scalar tail; 3 threads: ranges that end mid-block)
+for b, k in ((300, 787), (2000, 784), (700, 40)):
+    x = torch.randn(b, k)
+    g = torch.randn(b, 30)
+    w = torch.randn(30, k)
+    grads = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        grads.append(ops.linear_act_backward(g, x, w, g, False, [False, True, False])[1])
+    torch.set_num_threads(2)
+    if not (torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])):
+        bad.append(f"float32 weight grad b={b} k={k}: 1, 2 and 3 threads differ")
+    ref = (g.double().t() @ x.double()).float()
+    if not torch.allclose(grads[0], ref, rtol=1e-4, atol=1e-3):
+        bad.append(f"float32 weight grad b={b} k={k}: max err {(grads[0] - ref).abs().max().item():.3g}")
 print("ISA", torch_fastmlp.CPU_ISA)
 print("\n".join(bad) if bad else "OK")
 """

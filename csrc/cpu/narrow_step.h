@@ -131,9 +131,8 @@ void narrow_backward_rows(const NarrowChain<T>& c, int64_t r0, int64_t rows, con
     }
     if (layer.want_w) {
       const T* in = l == 0 ? c.x + r0 * c.ldx : out[l - 1];
-      const int64_t blocks = (K + kWeightGradCols - 1) / kWeightGradCols;
-      narrow_weight_grad_blocks<T>(in, l == 0 ? c.ldx : K, static_cast<const T*>(g), N, grad_w[l], N, K, rows,
-                                   int64_t(0), blocks);
+      narrow_weight_grad_cols<T>(in, l == 0 ? c.ldx : K, static_cast<const T*>(g), N, grad_w[l], N, K, rows,
+                                 int64_t(0), K);
     }
     if (l > c.lowest) {
       input_grad_rows<T>(static_cast<const T*>(g), N, layer.w, K, g_next, K, rows);
