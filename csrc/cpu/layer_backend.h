@@ -134,7 +134,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_backward(
   auto [g, grad_b] = mask_and_colsum(grad_output, output, relu, want_input || want_weight, want_bias);
   at::Tensor grad_x = want_input ? at::mm(g, w) : at::Tensor();
   at::Tensor grad_w;
-  if (want_weight && narrow_eligible(x, n, x.size(0) <= kWeightGradRows ? kWeightGradNarrowMax : kNarrowMax)) {
+  if (want_weight && narrow_eligible(x, n)) {
     grad_w = at::empty({n, x.size(1)}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_narrow_weight_grad",
                                [&] { narrow_weight_grad<scalar_t>(x, g, grad_w); });

@@ -29,12 +29,13 @@ namespace fastmlp::cpu {
 
 // Batches of up to kRowPartialsSmallBatch rows run as row partials when every
 // layer is at most kMaxPartialWidth wide; up to kRowPartialsMaxBatch rows when
-// every layer is at most kNarrowMax wide. Wider layers do better with BLAS
-// (measured: 1000 -> 100 -> 10 at 512 rows; a 1000-wide last layer over 30
-// features at 64 rows ran 2x slower on the narrow kernels).
+// every layer is at most kLargePartialWidth wide. Wider layers do better layer
+// by layer (measured: 1000 -> 100 -> 10 at 512 rows; a 1000-wide last layer
+// over 30 features at 64 rows ran 2x slower on the narrow kernels).
 constexpr int64_t kRowPartialsSmallBatch = 256;
 constexpr int64_t kRowPartialsMaxBatch = 1024;
 constexpr int64_t kMaxPartialWidth = 128;
+constexpr int64_t kLargePartialWidth = 64;
 constexpr int64_t kStepPartialRows = 32;            // rows per partial, at least
 constexpr int64_t kMaxStepPartials = 8;
 constexpr int64_t kMaxStepPartialBytes = 16 << 20;  // bounds the partial gradients' memory
@@ -318,7 +319,7 @@ inline bool row_partials_eligible(const at::Tensor& input, at::TensorList weight
   if (param_bytes > kMaxStepPartialBytes) return false;
   for (size_t l = 0; l < weights.size(); ++l) {
     const int64_t width = weights[l].size(0);
-    if (width > (batch > kRowPartialsSmallBatch ? kNarrowMax : kMaxPartialWidth)) return false;
+    if (width > (batch > kRowPartialsSmallBatch ? kLargePartialWidth : kMaxPartialWidth)) return false;
   }
   return true;
 }
