@@ -11,8 +11,7 @@
 //   weights  dW[n, k0:k0+4 lanes] += g[b, n] * x[b, k0:...], summed over b
 // Every output element is a sum in a fixed order (k for the outer form; k per
 // lane, then the lanes by Simd::sum, for the dot form; b for the weight
-// gradient; features past the last whole vector are one more, zero-padded
-// vector) whatever the row/column blocking, so the result does not depend on
+// gradient) whatever the row/column blocking, so the result does not depend on
 // how rows or columns are split over threads.
 #pragma once
 #include <ATen/ATen.h>
@@ -70,19 +69,12 @@ FASTMLP_ALWAYS_INLINE void dot_block(const T* x, int64_t ldx, const T* w, int64_
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] += xv[r] * wv[c];
   }
-  if (k < K) {
-    // The last K % lanes features as one more vector, on zero-padded copies: a
-    // scalar loop per output here cost ~13% of a 1000-feature layer.
-    T xt[R][S::kLanes] = {}, wt[C][S::kLanes] = {};
-    for (int r = 0; r < R; ++r)
-      for (int64_t j = 0; j < K - k; ++j) xt[r][j] = x[r * ldx + k + j];
-    for (int c = 0; c < C; ++c)
-      for (int64_t j = 0; j < K - k; ++j) wt[c][j] = w[c * ldw + k + j];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] += S::load(xt[r]) * S::load(wt[c]);
-  }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[r][c] = S::sum(acc[r][c]);
+    for (int c = 0; c < C; ++c) {
+      T sum = S::sum(acc[r][c]);
+      for (int64_t kk = k; kk < K; ++kk) sum += x[r * ldx + kk] * w[c * ldw + kk];
+      out[r][c] = sum;
+    }
 }
 
 template <typename T, int kBytes, int R, int C>
