@@ -768,6 +768,13 @@ def test_jit_script_trace_and_export_like_nn() -> None:
     }
     assert_close(torch.jit.trace(model, x)(x + 1), model(x + 1))
     assert_close(torch.jit.script(layer)(x), layer(x))
+    # a scripted FusedLinearReLU keeps its class name and state_dict keys (checkpoints load both ways)
+    fused_model = torch_fastmlp.Sequential(torch_fastmlp.FusedLinearReLU(6, 5), nn.Linear(5, 1))
+    scripted_fused = torch.jit.script(fused_model)
+    assert list(scripted_fused.state_dict()) == list(fused_model.state_dict())
+    scripted_fused.load_state_dict(fused_model.state_dict())
+    assert torch.jit.script(layer).original_name == "FusedLinearReLU"
+    assert_close(scripted_fused(x), fused_model(x))
     assert_close(torch.jit.trace(layer, x)(x + 1), layer(x + 1))
     assert_close(torch.jit.script(loss)(model(x), y), loss(model(x), y))
     mlp = torch_fastmlp.MLP([6, 3, 1])

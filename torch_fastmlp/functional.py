@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.nn import _reduction
 
-from ._ops import check_device, ops
+from ._ops import check_device, device_supported, ops
 from .autograd import _flatten, _unflatten
 
 __all__ = ["binary_cross_entropy_with_logits", "linear", "linear_relu"]
+
+
+_warned_devices: set[str] = set()
+
+
+def _fast_path_ok(input: object) -> bool:
+    """Whether the fused kernels can serve a call on ``input``; otherwise the
+    module or function runs torch's own code (which then also gives torch's own
+    results under autocast and torch.func, and raises torch's own errors)."""
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        return False
+    if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+        return False  # torch.func (grad, vmap, ...) and torch.jit.trace run the torch.nn code
+    if input.is_cpu:  # the everyday case, without building a torch.device
+        return not torch.is_autocast_enabled("cpu")
+    device = input.device
+    if not device_supported(device):
+        if device.type not in _warned_devices:
+            _warned_devices.add(device.type)
+            warnings.warn(
+                f"torch_fastmlp has no kernels for {device.type} in this build; "
+                "falling back to torch.nn (see `python -m torch_fastmlp.info`)",
+                stacklevel=3,
+            )
+        return False
+    # meta (shapes only) has no autocast state to ask about
+    return device.type == "meta" or not torch.is_autocast_enabled(device.type)
 
 
 def _check_tensor(value: object, name: str, fn: str) -> None:
@@ -16,21 +45,25 @@ def _check_tensor(value: object, name: str, fn: str) -> None:
         raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(value).__name__}")
 
 
-def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn: str) -> None:
-    _check_tensor(input, "input", fn)
-    _check_tensor(weight, "weight", fn)
-    if bias is not None:
-        _check_tensor(bias, "bias", fn)
-    if input.dim() == 0:
-        raise RuntimeError(f"{fn}(): input must have at least 1 dimension, got a 0-D tensor")
-    check_device(input, weight, bias)
-
-
-def _kernel_layout(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """The kernels take nn.Linear's layout: weight [out, in], bias [out] or None.
-    torch.nn.functional.linear also accepts a 1-D weight and a broadcast bias;
-    those rare forms are computed by torch itself."""
-    return weight.dim() == 2 and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+def _fused_linear_ok(input: object, weight: object, bias: object) -> bool:
+    """Whether the fused op computes ``linear(input, weight, bias)`` exactly as
+    torch would: nn.Linear's layout (weight [out, in], bias [out] or None), one
+    floating dtype and device, matching features. Anything else (integer or
+    complex tensors, a 1-D weight, a broadcast bias, mismatches that torch
+    reports with its own messages) is torch's own call."""
+    if not (_fast_path_ok(input) and isinstance(weight, torch.Tensor)) or input.dim() == 0:  # type: ignore[union-attr]
+        return False
+    if weight.dim() != 2 or input.shape[-1] != weight.shape[1] or weight.dtype is not input.dtype:  # type: ignore[union-attr]
+        return False
+    if bias is not None and not (
+        isinstance(bias, torch.Tensor)
+        and bias.dim() == 1
+        and bias.shape[0] == weight.shape[0]
+        and bias.dtype is input.dtype  # type: ignore[union-attr]
+        and bias.device == weight.device
+    ):
+        return False
+    return weight.device == input.device  # type: ignore[union-attr]
 
 
 def _one_layer(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
@@ -41,19 +74,25 @@ def _one_layer(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``input @ weight.T + bias`` like :func:`torch.nn.functional.linear`, with the
-    bias add fused into the GEMM epilogue. ``input`` is ``[*, in_features]``."""
-    _check_linear(input, weight, bias, "linear")
-    if not _kernel_layout(weight, bias):
+    bias add fused into the GEMM epilogue. ``input`` is ``[*, in_features]``.
+    Calls the kernels do not serve run :func:`torch.nn.functional.linear` itself."""
+    if not _fused_linear_ok(input, weight, bias):
         return torch.nn.functional.linear(input, weight, bias)
     return _one_layer(input, weight, bias, relu=False)
 
 
 def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``relu(input @ weight.T + bias)`` in one fused op, forward and backward."""
-    _check_linear(input, weight, bias, "linear_relu")
-    if not _kernel_layout(weight, bias):
+    """``relu(input @ weight.T + bias)`` in one fused op, forward and backward
+    (or ``torch.relu(torch.nn.functional.linear(...))`` where the kernels do not serve the call)."""
+    if not _fused_linear_ok(input, weight, bias):
         return torch.relu(torch.nn.functional.linear(input, weight, bias))
     return _one_layer(input, weight, bias, relu=True)
+
+
+def _broadcasts_to(t: torch.Tensor, shape: torch.Size) -> bool:
+    """``t`` broadcasts to exactly ``shape`` (torch.broadcast_shapes costs ~10 µs a call)."""
+    trailing = zip(reversed(t.shape), reversed(shape), strict=False)  # t may have fewer dims
+    return t.dim() <= len(shape) and all(a in (1, b) for a, b in trailing)
 
 
 def _pattern(t: torch.Tensor | None, shape: torch.Size, name: str) -> torch.Tensor | None:
@@ -63,10 +102,7 @@ def _pattern(t: torch.Tensor | None, shape: torch.Size, name: str) -> torch.Tens
     if t is None:
         return None
     _check_tensor(t, name, "binary_cross_entropy_with_logits")
-    # Broadcasts to exactly `shape` (torch.broadcast_shapes costs ~10 µs a call).
-    trailing = zip(reversed(t.shape), reversed(shape), strict=False)  # t may have fewer dims
-    fits = t.dim() <= len(shape) and all(a in (1, b) for a, b in trailing)
-    if not fits:
+    if not _broadcasts_to(t, shape):  # callers hand these to torch, for its own error
         raise RuntimeError(
             f"binary_cross_entropy_with_logits: {name} of shape {tuple(t.shape)} cannot be "
             f"broadcast to the input's shape {tuple(shape)}"
@@ -85,6 +121,7 @@ def _own_pattern(t: torch.Tensor | None, input: torch.Tensor) -> bool:
     return (
         type(t) is torch.Tensor
         and t.dim() == 1
+        and input.dim() > 0
         and t.shape[0] == input.shape[-1]
         and t.dtype is input.dtype
         and t.is_contiguous()
@@ -113,48 +150,49 @@ def binary_cross_entropy_with_logits(
         and type(input) is torch.Tensor
         and type(target) is torch.Tensor
         and input.dtype == target.dtype
-        and input.is_floating_point()
         and input.shape == target.shape
         and input.numel() > 0
         and _own_pattern(weight, input)
         and _own_pattern(pos_weight, input)
+        and _fast_path_ok(input)
     ):
         # The everyday call (no weights or per-class ones, same dtype and shape):
         # the checks below would all pass; a small batch would pay for them more
         # than for the loss.
-        check_device(input, target)
         return ops.bce_loss(input, target, weight, pos_weight, _reduction.get_enum(reduction))
-    fn = "binary_cross_entropy_with_logits"
-    _check_tensor(input, "input", fn)
-    _check_tensor(target, "target", fn)
-    if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)
-    reduction_enum = _reduction.get_enum(reduction)  # ValueError for a bad string, as torch
+
+    def by_torch() -> torch.Tensor:
+        """torch's own function: its result, type promotion and errors, exactly."""
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            input, target, weight, size_average, reduce, reduction, pos_weight
+        )
+
+    tensors = (input, target, *(t for t in (weight, pos_weight) if t is not None))
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or not _fast_path_ok(input):
+        return by_torch()  # non-tensors, integer input, autocast, torch.func, tracing
+    if any(t.dtype != input.dtype for t in tensors) or input.numel() == 0:
+        return by_torch()  # mixed dtypes promote as torch does; batch 0 needs no kernel
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)  # warns as torch does
+        size_average = reduce = None
+    reduction_enum = _reduction.get_enum(reduction)  # ValueError for a bad string, as torch
     for name, t in (("weight", weight), ("pos_weight", pos_weight)):
         if t is None:
             continue
-        _check_tensor(t, name, fn)
         if t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 f"The function 'binary_cross_entropy_with_logits' is not differentiable with respect to "
                 f"argument '{name}'. This input cannot have requires_grad True."
             )
-    check_device(input, target, weight, pos_weight)
-    if not input.is_floating_point() or any(
-        t is not None and t.dtype != input.dtype for t in (target, weight, pos_weight)
-    ):
-        # Integer or mixed dtypes: torch's own type promotion (its result takes
-        # the target's dtype) and errors, exactly, by torch's own code.
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            input, target, weight, reduction=reduction, pos_weight=pos_weight
-        )
-    empty = input.numel() == 0  # weights are irrelevant (and may not broadcast to a 0-size shape)
+        if not _broadcasts_to(t, input.shape):
+            return by_torch()  # torch's broadcasting error
+    check_device(*tensors)
     return ops.bce_loss(
         input,
         target,
-        None if empty else _pattern(weight, input.shape, "weight"),
-        None if empty else _pattern(pos_weight, input.shape, "pos_weight"),
+        _pattern(weight, input.shape, "weight"),
+        _pattern(pos_weight, input.shape, "pos_weight"),
         reduction_enum,
     )

@@ -3,7 +3,6 @@ keys and ``repr`` as their ``torch.nn`` counterparts, computed by the fused ops.
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -12,35 +11,11 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from . import functional as F
-from ._ops import device_supported, ops
+from ._ops import ops
 from .autograd import _flatten, _unflatten
+from .functional import _fast_path_ok
 
 __all__ = ["BCEWithLogitsLoss", "FusedBCEClassifier", "FusedLinearReLU", "MLP", "Sequential", "fuse"]
-
-_warned_devices: set[str] = set()
-
-
-def _fast_path_ok(input: object) -> bool:
-    """Whether the fused kernels can serve this call; otherwise the module runs
-    torch.nn's own code (which then also raises torch.nn's own errors)."""
-    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
-        return False
-    if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
-        return False  # torch.func (grad, vmap, ...) and torch.jit.trace run the torch.nn code
-    if input.is_cpu:  # the everyday case, without building a torch.device
-        return not torch.is_autocast_enabled("cpu")
-    device = input.device
-    if not device_supported(device):
-        if device.type not in _warned_devices:
-            _warned_devices.add(device.type)
-            warnings.warn(
-                f"torch_fastmlp has no kernels for {device.type} in this build; "
-                "falling back to torch.nn (see `python -m torch_fastmlp.info`)",
-                stacklevel=3,
-            )
-        return False
-    # meta (shapes only) has no autocast state to ask about
-    return device.type == "meta" or not torch.is_autocast_enabled(device.type)
 
 
 class FusedLinearReLU(nn.Linear):
@@ -50,15 +25,14 @@ class FusedLinearReLU(nn.Linear):
     (the same seed gives the same weights)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if _fast_path_ok(input) and input.dtype == self.weight.dtype and input.device == self.weight.device:
-            return F.linear_relu(input, self.weight, self.bias)
-        return torch.relu(super().forward(input))
+        if torch.jit.is_scripting():  # TorchScript compiles torch's own ops (same parameters, same keys)
+            return torch.relu(torch.nn.functional.linear(input, self.weight, self.bias))
+        return self._fused_forward(input)
 
-    def __prepare_scriptable__(self) -> nn.Sequential:
-        """``torch.jit.script`` compiles ``Linear`` + ``ReLU`` sharing these parameters."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight, linear.bias = self.weight, self.bias
-        return nn.Sequential(linear, nn.ReLU())
+    @torch.jit.unused
+    def _fused_forward(self, input: torch.Tensor) -> torch.Tensor:
+        # torch.relu(nn.Linear.forward(input)) where the kernels do not serve the call.
+        return F.linear_relu(input, self.weight, self.bias)
 
 
 class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
@@ -83,13 +57,12 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
 class _Chain:
     """A run of Linear(+ReLU) layers executed as one fused op."""
 
-    __slots__ = ("linears", "last_relu", "modules", "in_features")
+    __slots__ = ("linears", "last_relu", "modules")
 
     def __init__(self, linears: list[nn.Linear], last_relu: bool, modules: list[nn.Module]) -> None:
         self.linears = linears
         self.last_relu = last_relu
         self.modules = modules  # every module the chain replaces, ReLUs included
-        self.in_features = linears[0].in_features
 
     def params(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The layers' current weights and biases (read on every call: a
@@ -163,21 +136,31 @@ def _has_hooks(modules: Iterable[nn.Module]) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
-def _chain_fusable(
-    chain: _Chain, weights: list[torch.Tensor], biases: list[torch.Tensor | None], input: object
-) -> bool:
-    """Whether the fused op can run this chain on ``input`` exactly as the
-    modules would. Kept cheap: it runs on every forward."""
-    if not _fast_path_ok(input) or input.dim() == 0 or input.shape[-1] != chain.in_features:
-        return False
-    dtype, on_cpu = input.dtype, input.is_cpu
-    for p in (*weights, *biases):
-        if p is None:
-            continue
-        # _same_dtype_device inlined: this loop runs for every parameter on every forward.
-        if p.dtype is not dtype or p.is_cpu != on_cpu or (not on_cpu and p.device != input.device):
-            return False
-    return not _has_hooks(chain.modules)
+def _chain_fusable(chain: _Chain, input: object) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
+    """The chain's weights and biases when the fused op can run it on ``input``
+    exactly as the modules would, else None (the modules then run one by one,
+    with torch's own results and errors). Kept cheap: it runs on every forward."""
+    # Before reading the parameters: a parametrized weight computed here and
+    # again by the modules would run its parametrization twice.
+    if not _fast_path_ok(input) or input.dim() == 0 or _has_hooks(chain.modules):  # type: ignore[union-attr]
+        return None
+    weights, biases = chain.params()
+    dtype, on_cpu = input.dtype, input.is_cpu  # type: ignore[union-attr]
+    width = input.shape[-1]  # type: ignore[union-attr]
+    for w, b in zip(weights, biases, strict=True):
+        # Shapes as the layers' matmuls would take them (a replaced weight may not match in_features).
+        if w.dim() != 2 or w.shape[1] != width:
+            return None
+        width = w.shape[0]
+        if b is not None and (b.dim() != 1 or b.shape[0] != width):
+            return None
+        for p in (w, b):
+            # _same_dtype_device inlined: this loop runs for every parameter on every forward.
+            if p is not None and (
+                p.dtype is not dtype or p.is_cpu != on_cpu or (not on_cpu and p.device != input.device)  # type: ignore[union-attr]
+            ):
+                return None
+    return weights, biases
 
 
 def _cached_plan(seq: nn.Sequential) -> list[_Chain | nn.Module]:
@@ -223,10 +206,10 @@ class Sequential(nn.Sequential):
 
     @staticmethod
     def _run_chain(chain: _Chain, input: torch.Tensor) -> torch.Tensor:
-        weights, biases = chain.params()
-        if _chain_fusable(chain, weights, biases, input):
+        params = _chain_fusable(chain, input)
+        if params is not None:
             # fastmlp::mlp has its autograd in C++ (the math of MLPFunction).
-            return _unflatten(ops.mlp(_flatten(input), weights, biases, chain.last_relu), input.shape)
+            return _unflatten(ops.mlp(_flatten(input), *params, chain.last_relu), input.shape)
         for m in chain.modules:
             input = m(input)
         return input
@@ -328,9 +311,10 @@ class FusedBCEClassifier(nn.Module):
         if len(plan) != 1 or not isinstance(plan[0], _Chain):
             return None
         chain = plan[0]
-        weights, biases = chain.params()
-        if not _chain_fusable(chain, weights, biases, input) or not isinstance(target, torch.Tensor):
+        params = _chain_fusable(chain, input)
+        if params is None or not isinstance(target, torch.Tensor):
             return None
+        weights, biases = params
         out_features = chain.linears[-1].out_features
         if target.requires_grad or not _same_dtype_device(target, input):
             return None  # torch's promotion / target gradient: the unfused path
@@ -338,8 +322,8 @@ class FusedBCEClassifier(nn.Module):
             return None
         buffers = self._buffers
         for buf in (buffers["weight"], buffers["pos_weight"]):
-            if buf is not None and not _same_dtype_device(buf, input):
-                return None
+            if buf is not None and not (_same_dtype_device(buf, input) and F._broadcasts_to(buf, target.shape)):
+                return None  # torch's promotion, or its broadcasting error
         if tuple(target.shape) != (*input.shape[:-1], out_features):
             return None
         return chain, weights, biases
