@@ -39,6 +39,10 @@ constexpr int64_t kLargePartialWidth = 64;
 constexpr int64_t kStepPartialRows = 32;            // rows per partial, at least
 constexpr int64_t kMaxStepPartials = 8;
 constexpr int64_t kMaxStepPartialBytes = 16 << 20;  // bounds the partial gradients' memory
+// The partials' gradients together, at most (beyond one partial): adding them
+// up reads them all, so a model of 100k parameters in 8 partials of a 256-row
+// batch spent more on that than its 32-row partials saved.
+constexpr int64_t kPartialGradBudget = 1 << 20;
 
 // One layer of the chain: y = act(in @ w.T + bias), w contiguous [N, K].
 template <typename T> struct ChainLayer {
@@ -152,8 +156,10 @@ template <typename T> int64_t row_partials(const NarrowChain<T>& c, int64_t macs
   for (const auto& layer : c.layers) params += layer.N * (layer.K + 1);
   if (c.batch * macs_per_row < 2 * kMinTaskMacs) return 1;
   const int64_t by_rows = (c.batch + kStepPartialRows - 1) / kStepPartialRows;
-  const int64_t by_memory =
-      std::max<int64_t>(1, kMaxStepPartialBytes / std::max<int64_t>(1, params * static_cast<int64_t>(sizeof(T))));
+  // Within kPartialGradBudget (but two partials whatever the size, up to kMaxStepPartialBytes).
+  const int64_t param_bytes = std::max<int64_t>(1, params * static_cast<int64_t>(sizeof(T)));
+  const int64_t by_memory = std::min(kMaxStepPartialBytes / param_bytes,
+                                     std::max<int64_t>(2, kPartialGradBudget / param_bytes));
   const int64_t most = std::clamp<int64_t>(std::min(by_rows, by_memory), 1, kMaxStepPartials);
   int64_t partials = 1;
   while (partials * 2 <= most) partials *= 2;
