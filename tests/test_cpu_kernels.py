@@ -24,11 +24,11 @@ def close(name, got, want):
     if not torch.allclose(got, want, rtol=1e-9, atol=1e-9):
         bad.append(f"{name}: max err {(got - want).abs().max().item():.3g}")
 # out_features around the vector widths (4/8/16 doubles or floats) and the outer
-# form's panels of 4 vectors (65, 100, 128), batches either side of the outer
+# form's panels of 4 vectors (65, 100, 128, 200), batches either side of the outer
 # form's threshold and of its row blocks; features fewer than a vector (5) and
 # with a tail (131) for the weight gradient.
 for n, k, b, relu, bias in itertools.product(
-        [1, 3, 7, 8, 9, 16, 17, 30, 33, 64, 65, 100, 128], [5, 16, 30, 131], [3, 255, 256, 301], [True, False],
+        [1, 3, 7, 8, 9, 16, 17, 30, 33, 64, 65, 100, 128, 200], [5, 16, 30, 131], [3, 255, 256, 301], [True, False],
         [True, False]):
     x = torch.randn(b, k, dtype=torch.float64)
     w = torch.randn(n, k, dtype=torch.float64)
@@ -44,7 +44,8 @@ for n, k, b, relu, bias in itertools.product(
 # whole narrow chains (mlp_forward runs them tile by tile through every layer):
 # batches around the tile sizes and the outer form's threshold, a strided input
 for sizes, b, last_relu in itertools.product(
-        [[784, 30, 1], [40, 64, 17, 3], [9, 8], [50, 100, 128, 7]], [1, 7, 12, 13, 255, 256, 257, 529, 1000],
+        [[784, 30, 1], [40, 64, 17, 3], [9, 8], [50, 100, 128, 7], [20, 200, 256, 3]],
+        [1, 7, 12, 13, 255, 256, 257, 529, 1000],
         [False, True]):
     x = torch.randn(2 * b, sizes[0], dtype=torch.float64)[::2]  # a row stride of 2 rows
     ws = [torch.randn(n, k, dtype=torch.float64) for k, n in zip(sizes, sizes[1:])]

@@ -49,7 +49,7 @@ inline void bias_act_(at::Tensor& out, const c10::optional<at::Tensor>& bias, bo
 inline void linear_act_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                             const c10::optional<at::Tensor>& bias, bool relu) {
   const bool has_bias = bias.has_value() && bias->defined();
-  if (narrow_eligible(x, w.size(0))) {
+  if (narrow_eligible(x, w.size(0), kNarrowForwardMax)) {
     const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_narrow_forward", [&] {
       narrow_forward<scalar_t>(x, w, has_bias ? b.const_data_ptr<scalar_t>() : nullptr, relu, out);

@@ -16,9 +16,9 @@ namespace {
 using Layers = LayerOps<CpuKernels>;
 
 bool narrow_chain(const at::Tensor& input, at::TensorList weights) {
-  if (!narrow_eligible(input, weights[0].size(0))) return false;
+  if (!narrow_eligible(input, weights[0].size(0), kNarrowForwardMax)) return false;
   for (const at::Tensor& w : weights) {
-    if (w.size(0) > kNarrowMax) return false;
+    if (w.size(0) > kNarrowForwardMax) return false;
   }
   return true;
 }

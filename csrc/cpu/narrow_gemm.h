@@ -30,12 +30,15 @@ namespace fastmlp::cpu {
 // took 21 µs on two threads and 11 µs on one.
 constexpr int64_t kMinTaskMacs = 262144;
 
-// The widest layer these kernels serve (forward and weight gradient). Measured
-// against BLAS (MKL) here, 1000 -> 100 on two threads: forward 1.07-1.35x and
-// weight gradient 1.2-1.5x at 8 to 2048 rows, once the outer form splits wide
-// outputs into panels and the weight gradient's last features (1000 % 16) are
-// vectors too.
+// The widest layer these kernels serve. Measured against BLAS (MKL) here, on
+// two threads: 1000 -> 100 forward 1.07-1.35x and weight gradient 1.2-1.5x at
+// 8 to 2048 rows (once the outer form splits wide outputs into panels and the
+// weight gradient's last features are vectors too). Up to 256 outputs the
+// forward still wins (784 -> 256: 1.03-1.9x, 20 -> 200: 1.2-1.8x) but the
+// weight gradient loses to BLAS from 129 (200 -> 129: 0.87-0.97x; 20 -> 200:
+// 0.74-0.92x, too few features to split over threads).
 constexpr int64_t kNarrowMax = 128;
+constexpr int64_t kNarrowForwardMax = 256;
 
 constexpr int64_t kCacheLine = 64;  // bytes
 constexpr int64_t kKeptPackBytes = 4 << 20;      // packed weights kept per thread up to this size
@@ -185,13 +188,9 @@ FASTMLP_ALWAYS_INLINE void outer_rows(const T* x, int64_t ldx, const T* wt, cons
 constexpr int64_t kPanelVectors = 4;
 
 // Output vectors per row for the outer form, or 0 where the dot form serves
-// better: from half a vector of outputs on, while two rows of accumulators fit
-// the register file (and the kernel's 8-vector limit).
-inline int64_t outer_vectors(int64_t N, int64_t lanes, int vector_bytes) {
-  const int64_t nv = (N + lanes - 1) / lanes;
-  const bool fits = 2 * N >= lanes && nv <= std::min<int64_t>(accumulator_budget(vector_bytes) / 2, 8);
-  return fits ? nv : 0;
-}
+// better: from half a vector of outputs on (any number of vectors: they run in
+// panels of kPanelVectors).
+inline int64_t outer_vectors(int64_t N, int64_t lanes) { return 2 * N >= lanes ? (N + lanes - 1) / lanes : 0; }
 
 // The forward's form for a layer over B rows: the outer form's vectors (see
 // outer_vectors), or 0 for the dot form, whichever costs fewer cycles per
@@ -202,8 +201,8 @@ inline int64_t outer_vectors(int64_t N, int64_t lanes, int vector_bytes) {
 // switch for 784 -> 30 at ~256 rows (measured: the forms are even there) and
 // takes the outer form for short rows at any batch (100 -> 128 at 64 rows: the
 // dot form spent more on its lane sums than on its 7 multiply-adds an output).
-inline int64_t forward_form(int64_t N, int64_t K, int64_t B, int64_t lanes, int vector_bytes) {
-  const int64_t nv = outer_vectors(N, lanes, vector_bytes);
+inline int64_t forward_form(int64_t N, int64_t K, int64_t B, int64_t lanes) {
+  const int64_t nv = outer_vectors(N, lanes);
   if (nv == 0) return 0;
   const double dot = static_cast<double>(K / lanes) + 8.0 + static_cast<double>(K % lanes);
   const double outer = static_cast<double>(K * nv) / static_cast<double>(N) +
@@ -425,7 +424,7 @@ void narrow_chain_forward(const T* x, int64_t ldx, int64_t B, const std::vector<
   std::vector<int64_t> nv(L), pack_at(L + 1, 0);
   int64_t macs_per_row = 0;
   for (size_t l = 0; l < L; ++l) {
-    nv[l] = forward_form(layers[l].N, layers[l].K, B, lanes, bytes);
+    nv[l] = forward_form(layers[l].N, layers[l].K, B, lanes);
     pack_at[l + 1] = pack_at[l] + layers[l].K * nv[l] * lanes;
     macs_per_row += layers[l].K * layers[l].N;
   }
