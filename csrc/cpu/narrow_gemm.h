@@ -1,6 +1,6 @@
-// Register-blocked GEMMs for narrow layers (out_features <= 128, e.g. 784 -> 30
-// or 1000 -> 100), where BLAS pays more in packing and blocking than the
-// products cost:
+// Register-blocked GEMMs for narrow layers (e.g. 784 -> 30 or 1000 -> 100; up
+// to kNarrowForwardMax outputs forward, kNarrowMax for the weight gradient),
+// where BLAS pays more in packing and blocking than the products cost:
 //   forward  y[b, :] = sum_k x[b, k] * wt[k, :]   outer products: R rows x NV
 //            vectors of outputs stay in registers, the weights are packed
 //            transposed once per call ([K, NV * lanes] in panels of at most
