@@ -402,6 +402,23 @@ template <typename T> void pack_panels(const T* w, int64_t N, int64_t K, int64_t
   }
 }
 
+// The packed weights of a chain's outer-form layers (nv[l] > 0; layer l's at
+// pack_at[l], pack_at.back() elements in all), or null when there are none. The
+// buffer is kept by the calling thread up to kKeptPackBytes (allocating ~100 KB
+// costs ~7 µs), else `once` holds it. `layers[l]` has w (contiguous [N, K]), N, K.
+template <typename T, typename Layers>
+const T* pack_outer_weights(const Layers& layers, const std::vector<int64_t>& nv, const std::vector<int64_t>& pack_at,
+                            int64_t lanes, std::vector<T>& once) {
+  if (pack_at.back() == 0) return nullptr;
+  thread_local std::vector<T> kept;
+  std::vector<T>& buffer = pack_at.back() * static_cast<int64_t>(sizeof(T)) <= kKeptPackBytes ? kept : once;
+  buffer.resize(pack_at.back());
+  for (size_t l = 0; l < nv.size(); ++l) {
+    if (nv[l] > 0) pack_panels<T>(layers[l].w, layers[l].N, layers[l].K, nv[l], lanes, buffer.data() + pack_at[l]);
+  }
+  return buffer.data();
+}
+
 // One layer of a narrow chain: out[B, N] = act(in @ w.T + bias), w contiguous [N, K].
 template <typename T> struct NarrowLayer {
   const T* w = nullptr;
@@ -438,19 +455,9 @@ void narrow_chain_forward(const T* x, int64_t ldx, int64_t B, const std::vector<
   // Rows, not tiles, are split: 256 rows as 11 tiles of 24 gave the workers 6 and 5.
   at::parallel_for(0, B, tile, [&](int64_t begin, int64_t end) {
     // Each worker packs its own copy: reading one packed by another core
-    // costs more than packing (~4 µs for 784 x 30). Kept across calls up to
-    // kKeptPackBytes (allocating ~100 KB costs ~7 µs).
-    thread_local std::vector<T> kept;
+    // costs more than packing (~4 µs for 784 x 30).
     std::vector<T> once;
-    T* packed = nullptr;
-    if (pack_at[L] > 0) {
-      std::vector<T>& buffer = pack_at[L] * static_cast<int64_t>(sizeof(T)) <= kKeptPackBytes ? kept : once;
-      buffer.resize(pack_at[L]);
-      packed = buffer.data();
-      for (size_t l = 0; l < L; ++l) {
-        if (nv[l] > 0) pack_panels<T>(layers[l].w, layers[l].N, layers[l].K, nv[l], lanes, packed + pack_at[l]);
-      }
-    }
+    const T* packed = pack_outer_weights<T>(layers, nv, pack_at, lanes, once);
     for (int64_t r0 = begin; r0 < end; r0 += tile) {
       const int64_t r1 = std::min(end, r0 + tile);
       const T* in = x;

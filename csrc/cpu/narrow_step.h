@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -184,15 +185,18 @@ template <typename T> T* partial_workspace(int64_t partials, int64_t grad_elems,
   return kept.data();
 }
 
-// Runs `partial(r0, r1, scratch, grad_w, grad_b) -> double` for every partial
-// in one parallel region, each with scratch_per_row elements of scratch per
-// row: partial 0 writes the parameter gradients at grad_w / grad_b (per layer,
-// nullptr where not wanted), the others at their own slot of c.grad_elems;
-// then the slots are added to partial 0's in order. Returns the sum of what
-// the partials return.
-template <typename T, typename Partial>
+// Runs `partial(r0, r1, scratch, grad_w, grad_b, prepared) -> double` for
+// every partial in one parallel region, each with scratch_per_row elements of
+// scratch per row: partial 0 writes the parameter gradients at grad_w / grad_b
+// (per layer, nullptr where not wanted), the others at their own slot of
+// c.grad_elems; then the slots are added to partial 0's in order. `prepared`
+// is what `prepare(once)` returned on that worker, called once per worker
+// (e.g. its packed weights; `once`, a vector of T, lives as long as the worker's
+// partials). Returns the sum of what the partials return.
+template <typename T, typename Partial, typename Prepare>
 double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scratch_per_row,
-                        const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, const Partial& partial) {
+                        const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, const Partial& partial,
+                        const Prepare& prepare) {
   const size_t L = c.layers.size();
   const int64_t rows_per = (c.batch + partials - 1) / partials;
   const int64_t scratch_per_partial = rows_per * scratch_per_row;
@@ -202,6 +206,8 @@ double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scrat
   std::vector<double> result(partials, 0.0);
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
     std::vector<T*> gw(L), gb(L);
+    std::vector<T> once;
+    const auto prepared = prepare(once);
     for (int64_t q = begin; q < end; ++q) {
       T* slot = q == 0 ? nullptr : partial_grads + (q - 1) * c.grad_elems;
       for (size_t l = 0; l < L; ++l) {
@@ -209,7 +215,7 @@ double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scrat
         gb[l] = slot == nullptr || grad_b[l] == nullptr ? grad_b[l] : slot + c.layers[l].grad_b_at;
       }
       const int64_t r0 = q * rows_per, r1 = std::min(c.batch, r0 + rows_per);
-      result[q] = partial(r0, r1, scratch + q * scratch_per_partial, gw.data(), gb.data());
+      result[q] = partial(r0, r1, scratch + q * scratch_per_partial, gw.data(), gb.data(), prepared);
     }
   });
   for (size_t l = 0; l < L && partials > 1; ++l) {
@@ -249,7 +255,17 @@ double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, const std::
     macs_per_row += 2 * layer.N * layer.K;  // forward and weight gradient
     outputs += layer.N;
   }
-  auto partial = [&](int64_t r0, int64_t r1, T* work, T* const* gw, T* const* gb) {
+  // The forward's form per layer (narrow_gemm.h's cost model): short rows take
+  // the outer form, packed once per worker (10-64-64-64-1 at 64 rows: the dot
+  // form spent more on its lane sums than on its 4 vectors of multiply-adds).
+  const int64_t lanes = vector_bytes() / static_cast<int64_t>(sizeof(T));
+  std::vector<int64_t> nv(L), pack_at(L + 1, 0);
+  for (size_t l = 0; l < L; ++l) {
+    nv[l] = forward_form(c.layers[l].N, c.layers[l].K, c.batch, lanes);
+    pack_at[l + 1] = pack_at[l] + c.layers[l].K * nv[l] * lanes;
+  }
+  auto pack = [&](std::vector<T>& once) { return pack_outer_weights<T>(c.layers, nv, pack_at, lanes, once); };
+  auto partial = [&](int64_t r0, int64_t r1, T* work, T* const* gw, T* const* gb, const T* packed) {
     const int64_t rows = r1 - r0;
     std::vector<T*> out(L);
     for (size_t l = 0; l < L; ++l) {
@@ -261,8 +277,7 @@ double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, const std::
     int64_t ld = c.ldx;
     for (size_t l = 0; l < L; ++l) {
       const ChainLayer<T>& layer = c.layers[l];
-      // The dot form: at these row counts packing the weights for the outer form costs more than it saves.
-      narrow_forward_rows<T>(in, ld, layer.w, layer.K, static_cast<const T*>(nullptr), int64_t(0), layer.bias,
+      narrow_forward_rows<T>(in, ld, layer.w, layer.K, nv[l] > 0 ? packed + pack_at[l] : nullptr, nv[l], layer.bias,
                              layer.relu, out[l], layer.N, layer.K, int64_t(0), rows, rows);
       in = out[l];
       ld = layer.N;
@@ -276,7 +291,7 @@ double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, const std::
     return sum;
   };
   // Scratch per row: every layer's output, and two gradient buffers.
-  return run_row_partials(c, row_partials(c, macs_per_row), outputs + 2 * widest, grad_w, grad_b, partial);
+  return run_row_partials(c, row_partials(c, macs_per_row), outputs + 2 * widest, grad_w, grad_b, partial, pack);
 }
 
 // The backward alone, from saved activations: hidden (layer l's output at
@@ -299,7 +314,7 @@ void narrow_backward(const NarrowChain<T>& c, const SavedChain<T>& saved, const 
     const ChainLayer<T>& layer = c.layers[l];
     macs_per_row += layer.N * layer.K * ((layer.want_w ? 1 : 0) + (l > c.lowest || c.grad_input ? 1 : 0));
   }
-  auto partial = [&](int64_t r0, int64_t r1, T* work, T* const* gw, T* const* gb) {
+  auto partial = [&](int64_t r0, int64_t r1, T* work, T* const* gw, T* const* gb, std::nullptr_t) {
     const int64_t rows = r1 - r0;
     std::vector<const T*> out(L);
     for (size_t l = 0; l + 1 < L; ++l) out[l] = saved.hidden + saved.hidden_at[l] + r0 * c.layers[l].N;
@@ -309,7 +324,8 @@ void narrow_backward(const NarrowChain<T>& c, const SavedChain<T>& saved, const 
     return 0.0;
   };
   // Scratch per row: two gradient buffers.
-  run_row_partials(c, row_partials(c, macs_per_row), 2 * widest, grad_w, grad_b, partial);
+  run_row_partials(c, row_partials(c, macs_per_row), 2 * widest, grad_w, grad_b, partial,
+                   [](std::vector<T>&) { return nullptr; });
 }
 
 // Whether row partials serve this chain (float / double; see
