@@ -40,11 +40,6 @@ def _fast_path_ok(input: object) -> bool:
     return device.type == "meta" or not torch.is_autocast_enabled(device.type)
 
 
-def _check_tensor(value: object, name: str, fn: str) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(value).__name__}")
-
-
 def _fused_linear_ok(input: object, weight: object, bias: object) -> bool:
     """Whether the fused op computes ``linear(input, weight, bias)`` exactly as
     torch would: nn.Linear's layout (weight [out, in], bias [out] or None), one
@@ -95,18 +90,13 @@ def _broadcasts_to(t: torch.Tensor, shape: torch.Size) -> bool:
     return t.dim() <= len(shape) and all(a in (1, b) for a, b in trailing)
 
 
-def _pattern(t: torch.Tensor | None, shape: torch.Size, name: str) -> torch.Tensor | None:
+def _pattern(t: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
     """``t`` broadcast to ``shape`` as the shortest flat pattern that repeats along
     the flattened input: e.g. a per-class ``[C]`` pos_weight over ``[B, C]`` stays
-    ``C`` values, a full ``[B, C]`` weight becomes ``B * C`` values."""
+    ``C`` values, a full ``[B, C]`` weight becomes ``B * C`` values. Callers check
+    ``_broadcasts_to`` first (and hand a weight that fails it to torch, for its error)."""
     if t is None:
         return None
-    _check_tensor(t, name, "binary_cross_entropy_with_logits")
-    if not _broadcasts_to(t, shape):  # callers hand these to torch, for its own error
-        raise RuntimeError(
-            f"binary_cross_entropy_with_logits: {name} of shape {tuple(t.shape)} cannot be "
-            f"broadcast to the input's shape {tuple(shape)}"
-        )
     padded = t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape))
     lead = next((i for i, size in enumerate(padded.shape) if size != 1), len(shape))
     return padded.expand(shape)[(0,) * lead].reshape(-1)
@@ -192,7 +182,7 @@ def binary_cross_entropy_with_logits(
     return ops.bce_loss(
         input,
         target,
-        _pattern(weight, input.shape, "weight"),
-        _pattern(pos_weight, input.shape, "pos_weight"),
+        _pattern(weight, input.shape),
+        _pattern(pos_weight, input.shape),
         reduction_enum,
     )

@@ -344,8 +344,8 @@ class FusedBCEClassifier(nn.Module):
             weights,
             biases,
             chain.last_relu,
-            F._pattern(buffers["weight"], target.shape, "weight"),
-            F._pattern(buffers["pos_weight"], target.shape, "pos_weight"),
+            F._pattern(buffers["weight"], target.shape),
+            F._pattern(buffers["pos_weight"], target.shape),
             1 if self.reduction == "mean" else 2,
         )
 
