@@ -7,6 +7,7 @@ from . import functional
 from ._ops import CPU_ISA, CUDA_ARCHS, WITH_CUDA
 from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction, MLPBCEFunction, MLPFunction
 from .modules import MLP, BCEWithLogitsLoss, FusedBCEClassifier, FusedLinearReLU, Sequential, fuse
+from .train import TrainStep
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "MLPBCEFunction",
     "MLPFunction",
     "Sequential",
+    "TrainStep",
     "WITH_CUDA",
     "functional",
     "fuse",

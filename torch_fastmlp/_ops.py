@@ -145,3 +145,65 @@ def _mlp_fake(input, weights, biases, last_relu):
 @torch.library.register_fake("fastmlp::bce_loss")
 def _bce_loss_fake(input, target, weight, pos_weight, reduction):
     return _bce_fake(input, target, weight, pos_weight, reduction, False)[0]
+
+
+@torch.library.register_fake("fastmlp::optimizer_step")
+def _optimizer_step_fake(params, grads, state, optimizer, hyper, max_grad_norm):
+    if params:
+        _same_device(params[0], params=params, grads=grads)
+    return None
+
+
+def _train_grads_fake(like, weights, weight_mask, bias_mask):
+    grad_weights = [like.new_empty(w.shape) if m else _empty(like) for w, m in zip(weights, weight_mask, strict=True)]
+    grad_biases = [
+        like.new_empty((w.shape[0],)) if m else _empty(like) for w, m in zip(weights, bias_mask, strict=True)
+    ]
+    return grad_weights, grad_biases
+
+
+@torch.library.register_fake("fastmlp::mlp_bce_train_step")
+def _mlp_bce_train_step_fake(
+    input,
+    target,
+    weights,
+    biases,
+    last_relu,
+    weight,
+    pos_weight,
+    reduction,
+    weight_mask,
+    bias_mask,
+    state,
+    optimizer,
+    hyper,
+    max_grad_norm,
+):
+    _same_device(input, target=target, weights=weights, biases=biases, weight=weight, pos_weight=pos_weight)
+    return (input.new_empty(()), *_train_grads_fake(input, weights, weight_mask, bias_mask))
+
+
+@torch.library.register_fake("fastmlp::mlp_bce_train_epoch")
+def _mlp_bce_train_epoch_fake(
+    inputs,
+    targets,
+    order,
+    batch_size,
+    drop_last,
+    weights,
+    biases,
+    last_relu,
+    weight,
+    pos_weight,
+    reduction,
+    weight_mask,
+    bias_mask,
+    state,
+    optimizer,
+    hyper,
+    max_grad_norm,
+):
+    _same_device(inputs, targets=targets, order=order, weights=weights, biases=biases)
+    rows = inputs.shape[0]
+    batches = rows // batch_size if drop_last else -(-rows // batch_size)
+    return (inputs.new_empty((batches,)), *_train_grads_fake(inputs, weights, weight_mask, bias_mask))

@@ -1,0 +1,151 @@
+// fastmlp::mlp_bce_train_step and fastmlp::mlp_bce_train_epoch for every
+// backend: a whole training step (the chain forward, the BCE loss, every
+// gradient, clipping, the optimizer update) as one op, and a whole epoch of
+// such steps over minibatches drawn through a permutation, with no Python
+// between the phases or the batches. The gradients come from the backend's
+// fastmlp::mlp_bce_step, the update from OptimOps<Kernels>.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/optim_ops.h"
+
+namespace fastmlp {
+
+using TrainStepResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// The gradients of a step: fastmlp::mlp_bce_step through the dispatcher, so
+// each backend's own kernel (row partials, tiles, the fused CUDA chain) runs.
+inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bce_step_gradients(
+    const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, bool last_relu, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& pos_weight, int64_t reduction, const c10::List<bool>& weight_mask,
+    const c10::List<bool>& bias_mask) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmlp::mlp_bce_step", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+              const at::Tensor&, const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+              bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool,
+              const c10::List<bool>&, const c10::List<bool>&)>();
+  return op.call(input, target, weights, biases, last_relu, weight, pos_weight, reduction, false, weight_mask,
+                 bias_mask);
+}
+
+template <class OptimKernels> struct TrainOps {
+  static TrainStepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                              const c10::List<std::optional<at::Tensor>>& biases, bool last_relu,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                              int64_t reduction, const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask,
+                              at::TensorList state, int64_t optimizer, c10::ArrayRef<double> hyper,
+                              std::optional<double> max_grad_norm) {
+    check_masks(weights, biases, weight_mask, bias_mask);
+    BelowAutograd below_autograd;
+    auto [loss, grad_input, grad_w, grad_b] = bce_step_gradients(input, target, weights, biases, last_relu, weight,
+                                                                 pos_weight, reduction, weight_mask, bias_mask);
+    update(weights, biases, weight_mask, bias_mask, grad_w, grad_b, state, optimizer, hyper, max_grad_norm);
+    return {loss, grad_w, grad_b};
+  }
+
+  // Batches of `batch_size` rows of inputs / targets in the order of `order` (row
+  // indices, e.g. a permutation, or None for every row in its own order), the
+  // last one short unless drop_last. Returns every batch's loss and the last batch's gradients.
+  static TrainStepResult epoch(const at::Tensor& inputs, const at::Tensor& targets,
+                               const std::optional<at::Tensor>& order, int64_t batch_size, bool drop_last,
+                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                               bool last_relu, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                               const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask,
+                               at::TensorList state, int64_t optimizer, c10::ArrayRef<double> hyper,
+                               std::optional<double> max_grad_norm) {
+    TORCH_CHECK(batch_size > 0, "fastmlp.mlp_bce_train_epoch: batch_size should be a positive integer value, but got ",
+                "batch_size=", batch_size);
+    TORCH_CHECK(inputs.dim() == 2 && targets.dim() == 2 && inputs.size(0) == targets.size(0),
+                "fastmlp.mlp_bce_train_epoch: expected 2-D inputs and targets with the same number of rows, got ",
+                inputs.sizes(), " and ", targets.sizes());
+    const bool shuffled = order.has_value() && order->defined();
+    at::Tensor perm;
+    if (shuffled) {
+      TORCH_CHECK(order->dim() == 1 && order->scalar_type() == at::kLong,
+                  "fastmlp.mlp_bce_train_epoch: order must be a 1-D int64 tensor of row indices, got ",
+                  order->sizes(), " ", order->scalar_type());
+      TORCH_CHECK(order->device() == inputs.device(), "fastmlp.mlp_bce_train_epoch: order must be on ",
+                  inputs.device(), ", got ", order->device());
+      perm = order->contiguous();
+    }
+    check_masks(weights, biases, weight_mask, bias_mask);
+    BelowAutograd below_autograd;
+    const int64_t rows = shuffled ? perm.size(0) : inputs.size(0);  // rows visited, in batches
+    const int64_t batches = drop_last ? rows / batch_size : (rows + batch_size - 1) / batch_size;
+    std::vector<at::Tensor> losses;
+    losses.reserve(batches);
+    std::vector<at::Tensor> grad_w, grad_b;
+    for (int64_t b = 0; b < batches; ++b) {
+      const int64_t start = b * batch_size, len = std::min(batch_size, rows - start);
+      at::Tensor x, y;
+      if (shuffled) {
+        const at::Tensor idx = perm.narrow(0, start, len);
+        x = inputs.index_select(0, idx);
+        y = targets.index_select(0, idx);
+      } else {
+        x = inputs.narrow(0, start, len);
+        y = targets.narrow(0, start, len);
+      }
+      auto [loss, grad_input, gw, gb] = bce_step_gradients(x, y, weights, biases, last_relu, weight, pos_weight,
+                                                           reduction, weight_mask, bias_mask);
+      update(weights, biases, weight_mask, bias_mask, gw, gb, state, optimizer, hyper, max_grad_norm);
+      losses.push_back(loss);
+      grad_w = std::move(gw);
+      grad_b = std::move(gb);
+    }
+    at::Tensor all = losses.empty() ? at::empty({0}, inputs.options()) : at::stack(losses);
+    if (batches == 0) {
+      // No batch: no step, and no gradients (torch leaves .grad as it was: None after zero_grad).
+      for (size_t l = 0; l < weights.size(); ++l) {
+        grad_w.push_back(at::empty({0}, inputs.options()));
+        grad_b.push_back(at::empty({0}, inputs.options()));
+      }
+    }
+    return {all, grad_w, grad_b};
+  }
+
+ private:
+  static void check_masks(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                          const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
+    TORCH_CHECK(biases.size() == weights.size() && weight_mask.size() == weights.size() &&
+                    bias_mask.size() == weights.size(),
+                "fastmlp.mlp_bce_train_step: expected one bias, weight_mask and bias_mask entry per layer (",
+                weights.size(), "), got ", biases.size(), ", ", weight_mask.size(), " and ", bias_mask.size());
+    for (size_t l = 0; l < weights.size(); ++l) {
+      const std::optional<at::Tensor> b = biases.get(l);
+      TORCH_CHECK(!bias_mask.get(l) || (b.has_value() && b->defined()),
+                  "fastmlp.mlp_bce_train_step: bias_mask[", l, "] is set but layer ", l, " has no bias");
+    }
+  }
+
+  // The trainable parameters in layer order (weight, then bias), with their gradients.
+  static void update(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                     const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask,
+                     const std::vector<at::Tensor>& grad_w, const std::vector<at::Tensor>& grad_b,
+                     at::TensorList state, int64_t optimizer, c10::ArrayRef<double> hyper,
+                     std::optional<double> max_grad_norm) {
+    std::vector<at::Tensor> params, grads;
+    for (size_t l = 0; l < weights.size(); ++l) {
+      if (weight_mask.get(l)) {
+        params.push_back(weights[l]);
+        grads.push_back(grad_w[l]);
+      }
+      if (bias_mask.get(l)) {
+        params.push_back(*biases.get(l));
+        grads.push_back(grad_b[l]);
+      }
+    }
+    OptimOps<OptimKernels>::step(params, grads, state, optimizer, hyper, max_grad_norm);
+  }
+};
+
+}  // namespace fastmlp

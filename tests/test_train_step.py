@@ -1,0 +1,368 @@
+"""TrainStep and TrainStep.epoch against the eager training loop: the same
+losses, parameters, gradients and optimizer state, step after step."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import reference_mlp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import torch_fastmlp
+from torch_fastmlp import TrainStep
+
+OptFactory = Callable[[list], torch.optim.Optimizer]
+
+OPTIMIZERS: dict[str, OptFactory] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "sgd-dampening-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.01),
+    "sgd-nesterov-maximize": lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, nesterov=True, maximize=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adam-betas-eps-wd": lambda p: torch.optim.Adam(p, lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05),
+    "adam-amsgrad-maximize": lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True, maximize=True),
+    "adam-lerp-large": lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.3, 0.9)),  # lerp's other form
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2),
+    "adamw-amsgrad-wd": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True),
+}
+
+
+class EagerCounter:
+    """Counts the steps a TrainStep runs through its eager lines."""
+
+    def __init__(self, step: TrainStep) -> None:
+        self.calls = 0
+        original = step.eager_step
+
+        def counted(*args: object) -> torch.Tensor:
+            self.calls += 1
+            return original(*args)  # type: ignore[arg-type]
+
+        step.eager_step = counted  # type: ignore[method-assign]
+
+
+def eager_step(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, x, y, clip=None) -> torch.Tensor:
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return loss.detach()
+
+
+def twins(sizes, make_opt: OptFactory, dtype=torch.float32, fused_cls=torch_fastmlp.Sequential, **loss_kw):
+    """An eager model + optimizer and a TrainStep over a copy of both."""
+    ref = reference_mlp(sizes, dtype=dtype)
+    model = fused_cls(*copy.deepcopy(list(ref)))
+    ref_opt, opt = make_opt(list(ref.parameters())), make_opt(list(model.parameters()))
+    return ref, ref_opt, TrainStep(model, torch_fastmlp.BCEWithLogitsLoss(**loss_kw), opt)
+
+
+def assert_same_training(ref: nn.Module, ref_opt, step: TrainStep, rtol=2e-5, atol=2e-6) -> None:
+    for (name, p), q in zip(ref.named_parameters(), step.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=rtol, atol=atol, msg=lambda m, name=name: f"param {name}: {m}")
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol, msg=lambda m, n=name: f"grad {n}: {m}")
+    a, b = ref_opt.state_dict(), step.optimizer.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        for name, v in a["state"][k].items():
+            w = b["state"][k][name]
+            assert type(v) is type(w) and (not isinstance(v, torch.Tensor) or (v.dtype, v.device) == (w.dtype, w.device))
+            torch.testing.assert_close(w, v, rtol=rtol, atol=atol, msg=lambda m, n=name: f"state {k}.{n}: {m}")
+
+
+def data(rows: int, sizes, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, sizes[0], generator=g, dtype=dtype)
+    y = torch.randint(0, 2, (rows, sizes[-1]), generator=g).to(dtype)
+    return x, y
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("batch", [1, 64, 700])
+def test_steps_match_eager(opt_name: str, batch: int) -> None:
+    sizes = [40, 16, 3]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS[opt_name])
+    counter = EagerCounter(step)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for i in range(5):
+        x, y = data(batch, sizes, seed=i)
+        expected = eager_step(ref, loss_fn, ref_opt, x, y)
+        got = step(x, y)
+        assert got.shape == () and not got.requires_grad
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-6)
+    assert_same_training(ref, ref_opt, step)
+    assert counter.calls == (1 if ref_opt.state else 0)  # only a first step that makes the optimizer's state
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adam-amsgrad-maximize", "adamw-amsgrad-wd"])
+def test_float64(opt_name: str) -> None:
+    sizes = [30, 20, 20, 2]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS[opt_name], dtype=torch.float64)
+    counter = EagerCounter(step)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for i in range(4):
+        x, y = data(50, sizes, dtype=torch.float64, seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y), rtol=1e-12, atol=1e-13)
+    assert_same_training(ref, ref_opt, step, rtol=1e-11, atol=1e-12)
+    assert counter.calls == (1 if ref_opt.state else 0)
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e6])
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adam"])
+def test_clipping(opt_name: str, clip: float) -> None:
+    sizes = [20, 12, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS[opt_name])
+    step.max_grad_norm = clip
+    counter = EagerCounter(step)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for i in range(4):
+        x, y = data(33, sizes, seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y, clip=clip))
+    assert_same_training(ref, ref_opt, step)
+    assert counter.calls == 1
+
+
+def test_loss_options_and_no_bias() -> None:
+    torch.manual_seed(0)
+    sizes = [16, 8, 4]
+    pos_weight, weight = torch.rand(4) * 3, torch.rand(4)
+    ref = nn.Sequential(nn.Linear(16, 8, bias=False), nn.ReLU(), nn.Linear(8, 4))
+    model = copy.deepcopy(ref)  # a plain nn.Sequential is served too
+    ref_opt, opt = torch.optim.Adam(ref.parameters(), lr=1e-2), torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref_loss = nn.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight, reduction="sum")
+    step = TrainStep(model, nn.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight, reduction="sum"), opt)
+    counter = EagerCounter(step)
+    for i in range(4):
+        x, _ = data(20, sizes, seed=i)
+        y = torch.rand(20, 4)  # soft targets
+        torch.testing.assert_close(step(x, y), eager_step(ref, ref_loss, ref_opt, x, y))
+    assert_same_training(ref, ref_opt, step)
+    assert counter.calls == 1
+
+
+def test_param_groups_frozen_and_outside_params() -> None:
+    """Per-group options, a frozen layer, an optimizer parameter outside the model."""
+    sizes = [24, 16, 8, 1]
+
+    def build(ref: nn.Sequential) -> tuple[nn.Sequential, torch.optim.Optimizer, torch.Tensor]:
+        ref[2].weight.requires_grad_(False)  # frozen, but still in the optimizer
+        extra = torch.zeros(3, requires_grad=True)
+        extra.grad = torch.ones(3)  # zero_grad() must clear it
+        opt = torch.optim.Adam(
+            [
+                {"params": [ref[0].weight, ref[0].bias], "lr": 1e-2},
+                {"params": [ref[2].weight, ref[2].bias, extra], "lr": 3e-3, "weight_decay": 0.1},
+                {"params": [ref[4].weight, ref[4].bias], "lr": 5e-3, "amsgrad": True},
+            ]
+        )
+        return ref, opt, extra
+
+    ref, ref_opt, ref_extra = build(reference_mlp(sizes))
+    model, opt, extra = build(torch_fastmlp.Sequential(*copy.deepcopy(list(reference_mlp(sizes)))))
+    step = TrainStep(model, nn.BCEWithLogitsLoss(), opt)
+    counter = EagerCounter(step)
+    frozen = model[2].weight.detach().clone()
+    for i in range(4):
+        x, y = data(40, sizes, seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, nn.BCEWithLogitsLoss(), ref_opt, x, y))
+    assert_same_training(ref, ref_opt, step)
+    assert torch.equal(model[2].weight, frozen) and model[2].weight.grad is None
+    assert extra.grad is None and ref_extra.grad is None
+    assert model[2].weight not in opt.state  # no state for a frozen parameter
+    assert counter.calls == 1
+
+
+def test_trainable_param_outside_optimizer_runs_eager() -> None:
+    """Eager would accumulate into such a parameter's .grad: the step runs the eager lines."""
+    sizes = [10, 6, 1]
+    ref = reference_mlp(sizes)
+    model = copy.deepcopy(ref)
+    ref_opt = torch.optim.SGD(list(ref.parameters())[:2], lr=0.1)
+    step = TrainStep(model, nn.BCEWithLogitsLoss(), torch.optim.SGD(list(model.parameters())[:2], lr=0.1))
+    counter = EagerCounter(step)
+    for i in range(3):
+        x, y = data(8, sizes, seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, nn.BCEWithLogitsLoss(), ref_opt, x, y))
+    assert_same_training(ref, ref_opt, step)
+    assert counter.calls == 3
+
+
+def test_scheduler_and_switching_with_eager() -> None:
+    """An LR scheduler between steps, and eager steps mixed in at any point."""
+    sizes = [12, 10, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(step.optimizer, step_size=2, gamma=0.5)
+    loss_fn = nn.BCEWithLogitsLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()" warning
+        for i in range(8):
+            x, y = data(16, sizes, seed=i)
+            expected = eager_step(ref, loss_fn, ref_opt, x, y)
+            if i % 3 == 2:  # the user's own eager step on the TrainStep's model and optimizer
+                got = eager_step(step.model, step.loss_fn, step.optimizer, x, y)
+            else:
+                got = step(x, y)
+            torch.testing.assert_close(got, expected)
+            ref_sched.step()
+            sched.step()
+    assert step.optimizer.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == 1e-2 * 0.5**4
+    assert_same_training(ref, ref_opt, step)
+
+
+def test_checkpoint_resume(tmp_path) -> None:
+    sizes = [12, 10, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adamw-amsgrad-wd"])
+    loss_fn = nn.BCEWithLogitsLoss()
+    for i in range(3):
+        x, y = data(16, sizes, seed=i)
+        eager_step(ref, loss_fn, ref_opt, x, y)
+        step(x, y)
+    torch.save({"model": step.model.state_dict(), "opt": step.optimizer.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt")
+    model = torch_fastmlp.Sequential(*copy.deepcopy(list(reference_mlp(sizes, seed=5))))
+    model.load_state_dict(ck["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    opt.load_state_dict(ck["opt"])
+    resumed = TrainStep(model, nn.BCEWithLogitsLoss(), opt)
+    counter = EagerCounter(resumed)
+    for i in range(3, 6):
+        x, y = data(16, sizes, seed=i)
+        torch.testing.assert_close(resumed(x, y), eager_step(ref, loss_fn, ref_opt, x, y))
+    assert_same_training(ref, ref_opt, resumed)
+    assert counter.calls == 0  # the loaded state is used as it is
+
+
+def test_unsupported_runs_eager() -> None:
+    """Another optimizer, a tensor lr, a hook, an unreduced loss: the eager lines, same results and errors."""
+    sizes = [10, 6, 1]
+    cases = [
+        lambda p: torch.optim.RMSprop(p, lr=1e-2),
+        lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-2)),
+        lambda p: torch.optim.SGD(p, lr=torch.tensor(0.1), momentum=0.5),
+    ]
+    for make_opt in cases:
+        ref, ref_opt, step = twins(sizes, make_opt)
+        counter = EagerCounter(step)
+        for i in range(3):
+            x, y = data(8, sizes, seed=i)
+            torch.testing.assert_close(step(x, y), eager_step(ref, nn.BCEWithLogitsLoss(), ref_opt, x, y))
+        assert_same_training(ref, ref_opt, step)
+        assert counter.calls == 3
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+    seen = []
+    step.optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append(1))
+    step(*data(8, sizes))
+    step(*data(8, sizes))
+    assert len(seen) == 2
+    step = TrainStep(copy.deepcopy(ref), nn.BCEWithLogitsLoss(reduction="none"), torch.optim.SGD(ref.parameters()))
+    with pytest.raises(RuntimeError, match="grad can be implicitly created only for scalar outputs"):
+        step(*data(8, sizes))
+
+
+def test_bad_target_gives_torchs_error() -> None:
+    sizes = [10, 6, 2]
+    _, _, step = twins(sizes, OPTIMIZERS["sgd"])
+    x, _ = data(8, sizes)
+    with pytest.raises(ValueError, match="must be the same as input size"):
+        step(x, torch.zeros(8, 3))
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adam"])
+def test_bitwise_across_thread_counts(opt_name: str) -> None:
+    sizes = [64, 32, 1]
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        _, _, step = twins(sizes, OPTIMIZERS[opt_name])
+        losses = [step(*data(300, sizes, seed=i)) for i in range(3)]
+        results.append([*losses, *(p.detach().clone() for p in step.model.parameters())])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+# --- epoch ------------------------------------------------------------------
+
+
+def loader_epoch(model, loss_fn, opt, x, y, batch_size, **kw) -> torch.Tensor:
+    losses = [eager_step(model, loss_fn, opt, xb, yb) for xb, yb in DataLoader(TensorDataset(x, y), batch_size, **kw)]
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"shuffle": True, "generator": "g"},
+        {"shuffle": True},
+        {"shuffle": False},
+        {"shuffle": True, "generator": "g", "drop_last": True},
+        {"shuffle": False, "drop_last": True},
+    ],
+    ids=["gen", "global-rng", "no-shuffle", "gen-drop-last", "no-shuffle-drop-last"],
+)
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adam"])
+def test_epoch_matches_dataloader_loop(opt_name: str, kw: dict) -> None:
+    sizes = [20, 12, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS[opt_name])
+    x, y = data(203, sizes)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for epoch in range(2):  # the first epoch's first batch makes the optimizer state eagerly
+        kw_ref, kw_got = dict(kw), dict(kw)
+        if kw.get("generator"):
+            kw_ref["generator"] = torch.Generator().manual_seed(epoch)
+            kw_got["generator"] = torch.Generator().manual_seed(epoch)
+        torch.manual_seed(10 + epoch)
+        expected = loader_epoch(ref, loss_fn, ref_opt, x, y, 32, **kw_ref)
+        ref_global = torch.get_rng_state()
+        torch.manual_seed(10 + epoch)
+        got = step.epoch(x, y, 32, **kw_got)
+        assert torch.equal(torch.get_rng_state(), ref_global)
+        if kw.get("generator"):
+            assert torch.equal(kw_got["generator"].get_state(), kw_ref["generator"].get_state())
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-6)
+    assert_same_training(ref, ref_opt, step)
+
+
+def test_epoch_fallback_and_edge_cases() -> None:
+    sizes = [8, 4, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["sgd"])
+    x, y = data(10, sizes)
+    # A batch larger than the data with drop_last: no step at all.
+    assert step.epoch(x, y, 16, drop_last=True).shape == (0,)
+    assert all(p.grad is None for p in step.model.parameters())
+    # torch's own errors for what DataLoader refuses.
+    with pytest.raises(ValueError, match="batch_size should be a positive integer"):
+        step.epoch(x, y, 0)
+    with pytest.raises(ValueError, match="num_samples should be a positive integer"):
+        step.epoch(x[:0], y[:0], 4)
+    # 1-D targets: the loss's own error, from the DataLoader loop.
+    with pytest.raises(ValueError, match="must be the same as input size"):
+        step.epoch(x, y[:, 0], 4)
+
+
+def test_op_registered_and_opcheck() -> None:
+    sizes = [6, 5, 1]
+    _, _, step = twins(sizes, OPTIMIZERS["adam"])
+    x, y = data(9, sizes)
+    step(x, y)  # makes the state
+    plan = step._plan(x, y)
+    assert plan is not None and not plan.fresh
+    args = (x, y, plan.weights, plan.biases, False, None, None, 1, plan.weight_mask, plan.bias_mask, plan.state,
+            plan.kind, plan.hyper, None)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastmlp.mlp_bce_train_step.default, args,
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip

@@ -1,0 +1,462 @@
+"""The training step as one op: :class:`TrainStep`.
+
+``TrainStep(model, loss_fn, optimizer)(input, target)`` does what::
+
+    optimizer.zero_grad()
+    loss = loss_fn(model(input), target)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)  # when given
+    optimizer.step()
+
+does, as one call of ``fastmlp::mlp_bce_train_step``: forward, loss, every
+gradient, clipping and the optimizer's update, with no autograd graph and no
+Python between the phases. The optimizer's state stays in ``optimizer.state``
+in torch's own tensors, so ``state_dict()``, checkpoints, LR schedulers and
+switching to the eager loop at any step keep working. Whatever the fused op
+does not serve runs the eager lines above (same results, torch's errors).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import functional as F
+from ._ops import ops
+from .modules import BCEWithLogitsLoss, _cached_plan, _Chain, _chain_fusable, _has_hooks, _same_dtype_device
+
+__all__ = ["TrainStep"]
+
+_SGD, _ADAM = 0, 1
+_BCE_TYPES = (nn.BCEWithLogitsLoss, BCEWithLogitsLoss)
+_REDUCTIONS = {"mean": 1, "sum": 2}
+
+
+def _is_number(v: object) -> bool:
+    return type(v) is float or type(v) is int
+
+
+def _sgd_hyper(group: dict[str, Any]) -> tuple[float, ...] | None:
+    """The 8 values per parameter the op takes for SGD, or None when the fused
+    update does not implement this group's options."""
+    lr, momentum, dampening, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+    if group.get("differentiable") or not all(_is_number(v) for v in (lr, momentum, dampening, wd)):
+        return None
+    return (float(lr), float(momentum), float(dampening), float(wd), float(bool(group["nesterov"])),
+            float(bool(group["maximize"])), 0.0, 0.0)  # fmt: skip
+
+
+def _adam_hyper(group: dict[str, Any]) -> tuple[float, ...] | None:
+    """The 8 values per parameter the op takes for Adam / AdamW, or None."""
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if group.get("differentiable") or group.get("capturable"):
+        return None
+    if not (_is_number(lr) and _is_number(eps) and _is_number(wd) and len(betas) == 2):
+        return None
+    if not (_is_number(betas[0]) and _is_number(betas[1])):
+        return None
+    return (float(lr), float(betas[0]), float(betas[1]), float(eps), float(wd), float(bool(group["amsgrad"])),
+            float(bool(group["maximize"])), float(bool(group.get("decoupled_weight_decay", False))))  # fmt: skip
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer) -> int | None:
+    kind = type(optimizer)
+    if kind is torch.optim.SGD:
+        return _SGD
+    if kind is torch.optim.Adam or kind is torch.optim.AdamW:
+        return _ADAM
+    return None
+
+
+def _optimizer_hooked(optimizer: torch.optim.Optimizer) -> bool:
+    """Step hooks (the optimizer's or global ones), or a ``step`` replaced on the
+    instance by anything but an LR scheduler's call counter, must run as they are."""
+    import torch.optim.optimizer as opt_mod
+
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return True
+    if opt_mod._global_optimizer_pre_hooks or opt_mod._global_optimizer_post_hooks:
+        return True
+    step = optimizer.__dict__.get("step")
+    return step is not None and not getattr(step, "_wrapped_by_lr_sched", False)
+
+
+class _Plan:
+    """What one fused step needs, read from the model, loss and optimizer."""
+
+    __slots__ = (
+        "chain", "weights", "biases", "weight_mask", "bias_mask", "trainable", "state", "hyper", "kind", "fresh"
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.chain: _Chain
+        self.weights: list[torch.Tensor] = []
+        self.biases: list[torch.Tensor | None] = []
+        self.weight_mask: list[bool] = []
+        self.bias_mask: list[bool] = []
+        self.trainable: list[torch.Tensor] = []
+        self.state: list[torch.Tensor] = []
+        self.hyper: list[float] = []
+        self.kind = _SGD
+        self.fresh = False  # some optimizer state is not made yet: the eager step makes it
+
+
+class TrainStep:
+    """One training step (``zero_grad``, forward, loss, backward, optional
+    gradient clipping, ``optimizer.step()``) as one fused op.
+
+    Args:
+        model: an ``nn.Sequential`` / :class:`torch_fastmlp.Sequential` /
+            :class:`torch_fastmlp.MLP` that is one Linear(+ReLU) chain, or a
+            ``DistributedDataParallel`` around one (gradients are averaged over
+            its process group with one all-reduce, as DDP does).
+        loss_fn: ``nn.BCEWithLogitsLoss`` or :class:`torch_fastmlp.BCEWithLogitsLoss`
+            (``weight``, ``pos_weight``, reduction ``"mean"`` or ``"sum"``).
+        optimizer: ``torch.optim.SGD`` (momentum, dampening, nesterov,
+            weight_decay, maximize), ``Adam`` or ``AdamW`` (betas, eps,
+            weight_decay, amsgrad, maximize), any number of parameter groups.
+        max_grad_norm: clip the gradients' total 2-norm to this before the
+            update, as ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)``.
+
+    Anything else (other modules, losses or optimizers, options the fused
+    update does not implement, hooks, ``capturable``/``differentiable``
+    optimizers, tensors the kernels do not take) runs the eager lines, with
+    the same results and torch's errors. The first step of a fresh optimizer
+    also runs them, so its state is created by torch itself.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+
+    def __repr__(self) -> str:
+        clip = "" if self.max_grad_norm is None else f", max_grad_norm={self.max_grad_norm}"
+        return f"TrainStep(model={type(self.model).__name__}, loss_fn={self.loss_fn!r}, " \
+            f"optimizer={type(self.optimizer).__name__}{clip})"  # fmt: skip
+
+    # --- one step -------------------------------------------------------------
+
+    def __call__(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Run one step on ``(input, target)``; returns the loss (detached, 0-dim)."""
+        plan = self._plan(input, target)
+        if plan is None or plan.fresh:
+            return self.eager_step(input, target)
+        x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+        y = target if target.dim() == 2 else target.reshape(x.shape[0], -1)
+        loss_fn = self.loss_fn
+        weight, pos_weight = self._loss_patterns(target.shape)
+        reduction = _REDUCTIONS[loss_fn.reduction]
+        self._clear_other_grads(plan)
+        ddp = self._ddp()
+        with torch.no_grad():
+            if ddp is None:
+                loss, grad_w, grad_b = ops.mlp_bce_train_step(
+                    x, y, plan.weights, plan.biases, plan.chain.last_relu, weight, pos_weight, reduction,
+                    plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, self.max_grad_norm,
+                )  # fmt: skip
+                grads = self._set_grads(plan, grad_w, grad_b)
+            else:
+                loss, _, grad_w, grad_b = ops.mlp_bce_step(
+                    x, y, plan.weights, plan.biases, plan.chain.last_relu, weight, pos_weight, reduction, False,
+                    plan.weight_mask, plan.bias_mask,
+                )  # fmt: skip
+                grads = self._set_grads(plan, *self._all_reduce(ddp, grad_w, grad_b, plan))
+                ops.optimizer_step(plan.trainable, grads, plan.state, plan.kind, plan.hyper, self.max_grad_norm)
+        self._mark_stepped()
+        return loss
+
+    step = __call__
+
+    def eager_step(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The step as the eager lines run it (what the fused op must equal)."""
+        self.optimizer.zero_grad()
+        loss = self.loss_fn(self.model(input), target)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        return loss.detach()
+
+    # --- one epoch ------------------------------------------------------------
+
+    def epoch(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> torch.Tensor:
+        """One epoch: what ``for xb, yb in DataLoader(TensorDataset(inputs, targets),
+        batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last):
+        self(xb, yb)`` does (the same batches in the same order, the same random
+        draws from ``generator`` or the global generator), with the batch loop in
+        C++. Returns the per-batch losses as a 1-D tensor."""
+        plan = None
+        if (
+            type(batch_size) is int
+            and batch_size > 0
+            and isinstance(inputs, torch.Tensor)
+            and isinstance(targets, torch.Tensor)
+            and inputs.dim() == 2
+            and targets.dim() == 2
+            and 0 < inputs.shape[0] == targets.shape[0]
+        ):
+            plan = self._plan(inputs, targets)
+        if plan is None:
+            return self._dataloader_epoch(inputs, targets, batch_size, shuffle, generator, drop_last)
+        order = self._draw_order(inputs.shape[0], shuffle, generator)
+        losses = []
+        if plan.fresh:
+            # A fresh optimizer: its state is torch's own, made by its first step.
+            first = order[:batch_size] if order is not None else torch.arange(min(batch_size, inputs.shape[0]))
+            if drop_last and first.numel() < batch_size:
+                return inputs.new_empty((0,))
+            losses.append(self(inputs[first], targets[first]).reshape(1))
+            order = (order if order is not None else torch.arange(inputs.shape[0]))[batch_size:]
+            if order.numel() == 0 or (drop_last and order.numel() < batch_size):
+                return torch.cat(losses)
+            plan = self._plan(inputs, targets)
+            if plan is None or plan.fresh:  # the first step did not make every state: step by step
+                for b in range(0, order.numel(), batch_size):
+                    idx = order[b : b + batch_size]
+                    if drop_last and idx.numel() < batch_size:
+                        break
+                    losses.append(self(inputs[idx], targets[idx]).reshape(1))
+                return torch.cat(losses)
+        weight, pos_weight = self._loss_patterns(targets.shape)
+        self._clear_other_grads(plan)
+        if order is not None and order.device != inputs.device:
+            order = order.to(inputs.device)
+        with torch.no_grad():
+            epoch_losses, grad_w, grad_b = ops.mlp_bce_train_epoch(
+                inputs, targets, order, batch_size, drop_last, plan.weights, plan.biases, plan.chain.last_relu,
+                weight, pos_weight, _REDUCTIONS[self.loss_fn.reduction], plan.weight_mask, plan.bias_mask,
+                plan.state, plan.kind, plan.hyper, self.max_grad_norm,
+            )  # fmt: skip
+        if epoch_losses.numel() > 0:
+            self._set_grads(plan, grad_w, grad_b)
+            self._mark_stepped()
+        losses.append(epoch_losses)
+        return torch.cat(losses) if len(losses) > 1 else epoch_losses
+
+    def _dataloader_epoch(self, inputs, targets, batch_size, shuffle, generator, drop_last) -> torch.Tensor:
+        """The epoch as written with a DataLoader (anything the fused loop does not serve)."""
+        from torch.utils.data import DataLoader, TensorDataset
+
+        loader = DataLoader(
+            TensorDataset(inputs, targets), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+        )
+        losses = [self(xb, yb) for xb, yb in loader]
+        if not losses:
+            return torch.empty((0,), dtype=inputs.dtype, device=inputs.device)
+        return torch.stack(losses)
+
+    @staticmethod
+    def _draw_order(rows: int, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor | None:
+        """The random draws of one DataLoader epoch, in its order: the iterator's
+        base seed, then (shuffle) RandomSampler's permutation, drawn from a
+        generator seeded from the global one when none is given, and the second
+        permutation it draws and discards when it runs out."""
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # _BaseDataLoaderIter._base_seed
+        if not shuffle:
+            return None
+        sampler_gen = generator
+        if sampler_gen is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            sampler_gen = torch.Generator()
+            sampler_gen.manual_seed(seed)
+        order = torch.randperm(rows, generator=sampler_gen)
+        torch.randperm(rows, generator=sampler_gen)  # randperm(n)[: num_samples % n], discarded
+        return order
+
+    # --- planning -------------------------------------------------------------
+
+    def _ddp(self) -> nn.parallel.DistributedDataParallel | None:
+        model = self.model
+        return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+
+    def _inner_model(self) -> nn.Module | None:
+        model = self.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            if not model.require_backward_grad_sync or _has_hooks((model,)):
+                return None  # no_sync(), or hooks on the wrapper: DDP's own path
+            model = model.module
+        return model
+
+    def _plan(self, input: object, target: object) -> _Plan | None:
+        """The fused step's arguments, or None where the eager lines must run."""
+        model = self._inner_model()
+        if not isinstance(model, nn.Sequential) or _has_hooks((model,)):
+            return None
+        modules = _cached_plan(model)
+        if len(modules) != 1 or not isinstance(modules[0], _Chain):
+            return None
+        chain = modules[0]
+        params = _chain_fusable(chain, input)
+        if params is None or not self._loss_fusable(input, target, chain):
+            return None
+        if input.numel() == 0 or not (input.dtype is torch.float32 or input.dtype is torch.float64):  # type: ignore[union-attr]
+            return None
+        if input.is_cuda and not self._cuda_ok(input):  # type: ignore[union-attr]
+            return None
+        kind = _optimizer_kind(self.optimizer)
+        if kind is None or _optimizer_hooked(self.optimizer):
+            return None
+        if self.max_grad_norm is not None and not _is_number(self.max_grad_norm):
+            return None
+        plan = _Plan()
+        plan.chain = chain
+        plan.kind = kind
+        plan.weights, plan.biases = params
+        return plan if self._plan_params(plan) else None
+
+    @staticmethod
+    def _cuda_ok(input: torch.Tensor) -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fastmlp::optimizer_step", "CUDA")
+
+    def _loss_fusable(self, input: Any, target: object, chain: _Chain) -> bool:
+        loss_fn = self.loss_fn
+        if type(loss_fn) not in _BCE_TYPES or loss_fn.reduction not in _REDUCTIONS or _has_hooks((loss_fn,)):
+            return False
+        if not isinstance(target, torch.Tensor) or target.requires_grad or not _same_dtype_device(target, input):
+            return False
+        if tuple(target.shape) != (*input.shape[:-1], chain.linears[-1].out_features):
+            return False
+        buffers = loss_fn._buffers
+        for buf in (buffers.get("weight"), buffers.get("pos_weight")):
+            if buf is not None and not (_same_dtype_device(buf, input) and F._broadcasts_to(buf, target.shape)):
+                return False
+        return True
+
+    def _loss_patterns(self, target_shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        buffers = self.loss_fn._buffers
+        return F._pattern(buffers.get("weight"), target_shape), F._pattern(buffers.get("pos_weight"), target_shape)
+
+    def _plan_params(self, plan: _Plan) -> bool:
+        """Masks, optimizer state and hyper-parameters for the trainable parameters
+        (weight then bias, layer by layer). False where the fused update cannot
+        give the eager result: a trainable parameter outside the optimizer (eager
+        would accumulate into its .grad), a non-contiguous one, or options it
+        does not implement. State not made yet marks the plan ``fresh``."""
+        optimizer = self.optimizer
+        group_of: dict[int, dict[str, Any]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                group_of[id(p)] = group
+        hyper_of: dict[int, tuple[float, ...] | None] = {}
+        adam = plan.kind == _ADAM
+        opt_state = optimizer.state
+        for w, b in zip(plan.weights, plan.biases, strict=True):
+            for p, mask in ((w, plan.weight_mask), (b, plan.bias_mask)):
+                if p is None or not p.requires_grad:
+                    mask.append(False)
+                    continue
+                mask.append(True)
+                group = group_of.get(id(p))
+                if group is None or not p.is_contiguous():
+                    return False
+                key = id(group)
+                if key not in hyper_of:
+                    hyper_of[key] = _adam_hyper(group) if adam else _sgd_hyper(group)
+                hyper = hyper_of[key]
+                if hyper is None:
+                    return False
+                state = opt_state.get(p)
+                if adam:
+                    if not state or "step" not in state:
+                        plan.fresh = True
+                        continue
+                    step = state["step"]
+                    if not (isinstance(step, torch.Tensor) and step.is_cpu and step.dim() == 0):
+                        return False
+                    moments = [state.get("exp_avg"), state.get("exp_avg_sq")]
+                    moments.append(state.get("max_exp_avg_sq") if hyper[5] else None)
+                    for i, m in enumerate(moments):
+                        if m is None and i == 2:
+                            continue
+                        if not isinstance(m, torch.Tensor) or not _same_dtype_device(m, p) or not m.is_contiguous():
+                            return False
+                    plan.state.append(step)
+                    plan.state.extend(m if m is not None else p.new_empty((0,)) for m in moments)
+                elif hyper[1] != 0:
+                    buf = state.get("momentum_buffer") if state else None
+                    if buf is None:
+                        plan.fresh = True
+                        continue
+                    if not isinstance(buf, torch.Tensor) or not _same_dtype_device(buf, p) or not buf.is_contiguous():
+                        return False
+                    plan.state.append(buf)
+                else:
+                    plan.state.append(p.new_empty((0,)))
+                plan.trainable.append(p)
+                plan.hyper.extend(hyper)
+        return True
+
+    # --- after the op ---------------------------------------------------------
+
+    def _clear_other_grads(self, plan: _Plan) -> None:
+        """``optimizer.zero_grad()`` for the optimizer's parameters that the step
+        gives no gradient (frozen ones, or ones outside the model)."""
+        trainable = {id(p) for p in plan.trainable}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in trainable:
+                    p.grad = None
+
+    @staticmethod
+    def _set_grads(plan: _Plan, grad_w: list[torch.Tensor], grad_b: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each trainable parameter's .grad, as after ``loss.backward()``."""
+        grads = []
+        for w, b, gw, gb, mw, mb in zip(plan.weights, plan.biases, grad_w, grad_b, plan.weight_mask, plan.bias_mask):
+            if mw:
+                w.grad = gw
+                grads.append(gw)
+            if mb:
+                b.grad = gb  # type: ignore[union-attr]
+                grads.append(gb)
+        return grads
+
+    @staticmethod
+    def _all_reduce(
+        ddp: nn.parallel.DistributedDataParallel, grad_w: list[torch.Tensor], grad_b: list[torch.Tensor], plan: _Plan
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """DDP's gradient averaging: divide by the world size, then sum over the
+        process group, as one flat all-reduce."""
+        import torch.distributed as dist
+
+        pg = ddp.process_group
+        parts = []
+        for gw, gb, mw, mb in zip(grad_w, grad_b, plan.weight_mask, plan.bias_mask, strict=True):
+            if mw:
+                parts.append(gw)
+            if mb:
+                parts.append(gb)
+        flat = torch.cat([g.reshape(-1) for g in parts])
+        flat.div_(dist.get_world_size(pg))
+        dist.all_reduce(flat, group=pg)
+        out = [t.view_as(g).clone() for t, g in zip(flat.split([g.numel() for g in parts]), parts, strict=True)]
+        it = iter(out)  # the same walk as above: each layer's weight, then its bias
+        new_w, new_b = [], []
+        for gw, gb, mw, mb in zip(grad_w, grad_b, plan.weight_mask, plan.bias_mask, strict=True):
+            new_w.append(next(it) if mw else gw)
+            new_b.append(next(it) if mb else gb)
+        return new_w, new_b
+
+    def _mark_stepped(self) -> None:
+        # An LR scheduler counts optimizer.step() calls to warn when it steps first.
+        if hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
