@@ -8,6 +8,7 @@ and time, and the end prints the largest parameter difference between them.
     python examples/train_3vs7.py --csv mnist_train.csv --epochs 5 --plot loss.png
     python examples/train_3vs7.py --epochs 1 --save ck.pt
     python examples/train_3vs7.py --epochs 2 --resume ck.pt   # == --epochs 2
+    python examples/train_3vs7.py --train-step          # fastmlp steps with torch_fastmlp.TrainStep
 
 ``--csv`` takes the common MNIST CSV layout ``label,pixel0,...,pixel783``
 (header optional, pixels 0-255); rows of digits other than 3 and 7 are skipped.
@@ -58,11 +59,15 @@ class Trainee:
     loss_fn: nn.Module
     watch: Stopwatch
     step_losses: list[float] = field(default_factory=list)
+    fused_step: torch_fastmlp.TrainStep | None = None  # --train-step: the whole step as one op
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Train on one batch, timing it; returns the batch loss."""
         with self.watch():
-            loss = train_step(self.model, self.optimizer, self.loss_fn, x, y)
+            if self.fused_step is not None:
+                loss = self.fused_step(x, y).item()
+            else:
+                loss = train_step(self.model, self.optimizer, self.loss_fn, x, y)
         self.step_losses.append(loss)
         return loss
 
@@ -103,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save", type=Path, help="write a checkpoint here at the end")
     p.add_argument("--resume", type=Path, help="continue from this checkpoint")
     p.add_argument("--plot", type=Path, help="write both loss curves to this PNG")
+    p.add_argument(
+        "--train-step",
+        action="store_true",
+        help="train the fastmlp model with torch_fastmlp.TrainStep (forward, loss, backward, Adam in one op)",
+    )
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 1024 if args.csv else 32
@@ -126,7 +136,7 @@ def make_trainees(n_in: int, args: argparse.Namespace) -> list[Trainee]:
     torch.manual_seed(args.seed)
     eager = build_mlp([n_in, HIDDEN, 1]).to(device)
     fast = clone_into(eager, torch_fastmlp.Sequential)
-    return [
+    trainees = [
         Trainee(
             name,
             model,
@@ -139,6 +149,10 @@ def make_trainees(n_in: int, args: argparse.Namespace) -> list[Trainee]:
             ("fastmlp", fast, torch_fastmlp.BCEWithLogitsLoss),
         )
     ]
+    if args.train_step:
+        t = trainees[1]
+        t.fused_step = torch_fastmlp.TrainStep(t.model, t.loss_fn, t.optimizer)  # the one-line change
+    return trainees
 
 
 # ------------------------------------------------------------------ checkpoints

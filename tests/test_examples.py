@@ -284,3 +284,12 @@ def test_run_main_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert _data.run_main(lambda: False) == 1
     assert _data.run_main(fail) == 2
     assert capsys.readouterr().err == "error: x.csv row 2: bad\n"
+
+
+def test_train_step_option_matches_eager(digits_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--train-step: the fastmlp model trains through TrainStep, with eager's results."""
+    result = train("--csv", digits_csv, "--epochs", 2, "--batch-size", 16, "--lr", 3e-3, "--train-step")
+    assert "max |param diff| eager vs fastmlp" in capsys.readouterr().out
+    for stats in result.history:
+        assert stats.loss["fastmlp"] == pytest.approx(stats.loss["eager"], rel=1e-5)
+    assert result.max_param_diff < 1e-4

@@ -79,8 +79,9 @@ def assert_same_training(ref: nn.Module, ref_opt, step: TrainStep, rtol=2e-5, at
         assert a["state"][k].keys() == b["state"][k].keys()
         for name, v in a["state"][k].items():
             w = b["state"][k][name]
-            assert type(v) is type(w) and (not isinstance(v, torch.Tensor) or (v.dtype, v.device) == (w.dtype, w.device))
-            torch.testing.assert_close(w, v, rtol=rtol, atol=atol, msg=lambda m, n=name: f"state {k}.{n}: {m}")
+            assert type(v) is type(w)
+            assert not isinstance(v, torch.Tensor) or (v.dtype, v.device) == (w.dtype, w.device)
+            torch.testing.assert_close(w, v, rtol=rtol, atol=atol, msg=lambda m, k=k, n=name: f"state {k}.{n}: {m}")
 
 
 def data(rows: int, sizes, dtype=torch.float32, seed=1):
@@ -212,10 +213,8 @@ def test_scheduler_and_switching_with_eager() -> None:
         for i in range(8):
             x, y = data(16, sizes, seed=i)
             expected = eager_step(ref, loss_fn, ref_opt, x, y)
-            if i % 3 == 2:  # the user's own eager step on the TrainStep's model and optimizer
-                got = eager_step(step.model, step.loss_fn, step.optimizer, x, y)
-            else:
-                got = step(x, y)
+            # Every third step: the user's own eager step on the TrainStep's model and optimizer.
+            got = eager_step(step.model, step.loss_fn, step.optimizer, x, y) if i % 3 == 2 else step(x, y)
             torch.testing.assert_close(got, expected)
             ref_sched.step()
             sched.step()

@@ -421,7 +421,9 @@ class TrainStep:
     def _set_grads(plan: _Plan, grad_w: list[torch.Tensor], grad_b: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each trainable parameter's .grad, as after ``loss.backward()``."""
         grads = []
-        for w, b, gw, gb, mw, mb in zip(plan.weights, plan.biases, grad_w, grad_b, plan.weight_mask, plan.bias_mask):
+        for w, b, gw, gb, mw, mb in zip(
+            plan.weights, plan.biases, grad_w, grad_b, plan.weight_mask, plan.bias_mask, strict=True
+        ):
             if mw:
                 w.grad = gw
                 grads.append(gw)

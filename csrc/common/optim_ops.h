@@ -5,8 +5,9 @@
 // torch.optim does (in double, then rounded to the parameter's dtype) and hands
 // typed slots to the backend. A backend supplies
 //   Kernels::Guard
-//   Kernels::clip_grad_norm(grads, max_norm)       in place, torch.nn.utils.clip_grad_norm_'s formula
-//   Kernels::template sgd<T>(slots) / adam<T>(slots) one pass over every element of every slot
+//   Kernels::template sgd<T>(slots, max_grad_norm, like) / adam<T>(...): when max_grad_norm is
+//     given, first the gradients clipped in place with torch.nn.utils.clip_grad_norm_'s formula; then
+//     one pass over every element of every slot (`like`: a parameter, for workspace options)
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -52,12 +53,11 @@ template <class Kernels> struct OptimOps {
     }
     typename Kernels::Guard guard(first.device());
     BelowAutograd below_autograd;
-    if (max_grad_norm.has_value()) Kernels::clip_grad_norm(grads, *max_grad_norm);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "fastmlp_optimizer_step", [&] {
       if (optimizer == kOptimSgd) {
-        Kernels::template sgd<scalar_t>(sgd_slots<scalar_t>(params, grads, state, hyper));
+        Kernels::template sgd<scalar_t>(sgd_slots<scalar_t>(params, grads, state, hyper), max_grad_norm, first);
       } else {
-        Kernels::template adam<scalar_t>(adam_slots<scalar_t>(params, grads, state, hyper));
+        Kernels::template adam<scalar_t>(adam_slots<scalar_t>(params, grads, state, hyper), max_grad_norm, first);
       }
     });
   }

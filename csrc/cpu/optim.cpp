@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common/train_ops.h"
@@ -51,31 +53,29 @@ template <class Slot, class Fn> void for_each_chunk(const std::vector<Slot>& slo
   });
 }
 
-// The element loops, one clone per ISA (the compiler vectorises them).
-template <typename T> FASTMLP_CPU_CLONES void sgd_range(const SgdSlot<T>& s, int64_t begin, int64_t end) {
-  T* param = s.param;
-  const T* grad = s.grad;
-  T* buf = s.momentum_buffer;
-  const SgdScalars<T> k = s.s;
-  if (buf != nullptr) {
-    for (int64_t i = begin; i < end; ++i) sgd_update<T>(param[i], grad[i], buf + i, k);
-  } else {
-    for (int64_t i = begin; i < end; ++i) sgd_update<T>(param[i], grad[i], nullptr, k);
-  }
+// The element loops, one clone per ISA. Restrict pointers and a compile-time
+// momentum / amsgrad (the only conditional stores) let the compiler vectorise
+// them; the other options are selects.
+template <typename T, bool kMomentum>
+FASTMLP_CPU_CLONES void sgd_range(const SgdSlot<T>& s, int64_t begin, int64_t end) {
+  T* __restrict param = s.param;
+  const T* __restrict grad = s.grad;
+  T* __restrict buf = s.momentum_buffer;
+  SgdScalars<T> k = s.s;
+  k.has_momentum = kMomentum;
+  for (int64_t i = begin; i < end; ++i) sgd_update<T>(param[i], grad[i], kMomentum ? buf + i : nullptr, k);
 }
 
-template <typename T> FASTMLP_CPU_CLONES void adam_range(const AdamSlot<T>& s, int64_t begin, int64_t end) {
-  T* param = s.param;
-  const T* grad = s.grad;
-  T* m = s.exp_avg;
-  T* v = s.exp_avg_sq;
-  T* vmax = s.max_exp_avg_sq;
-  const AdamScalars<T> k = s.s;
-  if (vmax != nullptr) {
-    for (int64_t i = begin; i < end; ++i) adam_update<T>(param[i], grad[i], m[i], v[i], vmax + i, k);
-  } else {
-    for (int64_t i = begin; i < end; ++i) adam_update<T>(param[i], grad[i], m[i], v[i], nullptr, k);
-  }
+template <typename T, bool kAmsgrad>
+FASTMLP_CPU_CLONES void adam_range(const AdamSlot<T>& s, int64_t begin, int64_t end) {
+  T* __restrict param = s.param;
+  const T* __restrict grad = s.grad;
+  T* __restrict m = s.exp_avg;
+  T* __restrict v = s.exp_avg_sq;
+  T* __restrict vmax = s.max_exp_avg_sq;
+  AdamScalars<T> k = s.s;
+  k.amsgrad = kAmsgrad;
+  for (int64_t i = begin; i < end; ++i) adam_update<T>(param[i], grad[i], m[i], v[i], kAmsgrad ? vmax + i : nullptr, k);
 }
 
 // Sum of squares of x[begin, end) in double.
@@ -90,17 +90,25 @@ struct CpuOptimKernels {
     explicit Guard(const c10::Device&) {}
   };
 
-  template <typename T> static void sgd(const std::vector<SgdSlot<T>>& slots) {
+  template <typename T>
+  static void sgd(const std::vector<SgdSlot<T>>& slots, std::optional<double> max_grad_norm, const at::Tensor&) {
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      for_each_chunk(slots, [](const SgdSlot<T>& s, int64_t b, int64_t e) { sgd_range<T>(s, b, e); });
+      if (max_grad_norm.has_value()) clip_grad_norm(slots, *max_grad_norm);
+      for_each_chunk(slots, [](const SgdSlot<T>& s, int64_t b, int64_t e) {
+        s.momentum_buffer != nullptr ? sgd_range<T, true>(s, b, e) : sgd_range<T, false>(s, b, e);
+      });
     } else {
       TORCH_CHECK(false, "fastmlp.optimizer_step: the CPU kernels take float32 and float64 parameters");
     }
   }
 
-  template <typename T> static void adam(const std::vector<AdamSlot<T>>& slots) {
+  template <typename T>
+  static void adam(const std::vector<AdamSlot<T>>& slots, std::optional<double> max_grad_norm, const at::Tensor&) {
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      for_each_chunk(slots, [](const AdamSlot<T>& s, int64_t b, int64_t e) { adam_range<T>(s, b, e); });
+      if (max_grad_norm.has_value()) clip_grad_norm(slots, *max_grad_norm);
+      for_each_chunk(slots, [](const AdamSlot<T>& s, int64_t b, int64_t e) {
+        s.max_exp_avg_sq != nullptr ? adam_range<T, true>(s, b, e) : adam_range<T, false>(s, b, e);
+      });
     } else {
       TORCH_CHECK(false, "fastmlp.optimizer_step: the CPU kernels take float32 and float64 parameters");
     }
@@ -109,47 +117,34 @@ struct CpuOptimKernels {
   // torch.nn.utils.clip_grad_norm_(norm_type=2): each gradient's norm (in its
   // dtype), the norm of those norms, clip_coef = max_norm / (total + 1e-6)
   // clamped to at most 1, every gradient multiplied by it (NaN propagates).
-  static void clip_grad_norm(at::TensorList grads, double max_norm) {
-    AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "fastmlp_clip_grad_norm", [&] {
-      struct Span {
-        const scalar_t* data;
-        int64_t numel;
-      };
-      std::vector<Span> spans;
-      for (const at::Tensor& g : grads) spans.push_back({g.const_data_ptr<scalar_t>(), g.numel()});
-      std::vector<Chunk> chunks;
-      for (size_t i = 0; i < spans.size(); ++i)
-        for (int64_t b = 0; b < spans[i].numel; b += kChunk)
-          chunks.push_back({i, b, std::min(spans[i].numel, b + kChunk)});
-      std::vector<double> partial(chunks.size(), 0.0);
-      auto run = [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c)
-          partial[c] = sum_squares<scalar_t>(spans[chunks[c].slot].data, chunks[c].begin, chunks[c].end);
-      };
-      const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-      if (n_chunks * kChunk < kParallelElements) {
-        run(0, n_chunks);
-      } else {
-        at::parallel_for(0, n_chunks, 1, run);
-      }
-      std::vector<double> per_grad(spans.size(), 0.0);
-      for (size_t c = 0; c < chunks.size(); ++c) per_grad[chunks[c].slot] += partial[c];
-      double total_sq = 0;
-      for (double s : per_grad) {
-        const double norm = static_cast<scalar_t>(std::sqrt(s));  // vector_norm of one gradient, in its dtype
-        total_sq += norm * norm;
-      }
-      const scalar_t total = static_cast<scalar_t>(std::sqrt(total_sq));
-      // max_norm / tensor is tensor.reciprocal() * max_norm in torch.
-      const scalar_t coef =
-          (scalar_t(1) / (total + static_cast<scalar_t>(1e-6))) * static_cast<scalar_t>(max_norm);
-      if (!(coef != coef) && coef >= scalar_t(1)) return;  // clamp(max=1.0): multiplying by 1 changes nothing
-      for (const at::Tensor& g : grads) {
-        scalar_t* d = g.data_ptr<scalar_t>();
-        at::parallel_for(0, g.numel(), kParallelElements, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) d[i] = d[i] * coef;
-        });
-      }
+  template <class Slot> static void clip_grad_norm(const std::vector<Slot>& slots, double max_norm) {
+    using T = std::remove_pointer_t<decltype(slots[0].grad)>;
+    int64_t total_elems = 0;
+    const std::vector<Chunk> chunks = chunks_of(slots, &total_elems);
+    std::vector<double> partial(chunks.size(), 0.0);
+    auto run = [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c)
+        partial[c] = sum_squares<T>(slots[chunks[c].slot].grad, chunks[c].begin, chunks[c].end);
+    };
+    const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+    if (total_elems < kParallelElements) {
+      run(0, n_chunks);
+    } else {
+      at::parallel_for(0, n_chunks, 1, run);
+    }
+    std::vector<double> per_grad(slots.size(), 0.0);
+    for (size_t c = 0; c < chunks.size(); ++c) per_grad[chunks[c].slot] += partial[c];
+    double total_sq = 0;
+    for (double s : per_grad) {
+      const double norm = static_cast<T>(std::sqrt(s));  // vector_norm of one gradient, in its dtype
+      total_sq += norm * norm;
+    }
+    const T total = static_cast<T>(std::sqrt(total_sq));
+    // max_norm / tensor is tensor.reciprocal() * max_norm in torch.
+    const T coef = (T(1) / (total + static_cast<T>(1e-6))) * static_cast<T>(max_norm);
+    if (!(coef != coef) && coef >= T(1)) return;  // clamp(max=1.0): multiplying by 1 changes nothing
+    for_each_chunk(slots, [coef](const Slot& s, int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) s.grad[i] = s.grad[i] * coef;
     });
   }
 };

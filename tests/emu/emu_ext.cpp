@@ -20,7 +20,9 @@ FASTMLP_EMU_TLS_INIT_STUB(fastmlp_emu_tls_init_tests_buf, "_ZTHN17fastmlp_emu_te
 
 #include "broken_kernels.cuh"
 #include "common/bce_ops.h"
+#include "common/optim_ops.h"
 #include "cuda/kernel_params.h"
+#include "cuda/optim.cuh"
 #include "selftest_kernels.cuh"
 
 namespace {
@@ -389,6 +391,76 @@ std::tuple<std::vector<at::Tensor>, int64_t> fused_forward(const at::Tensor& inp
   return result;
 }
 
+// fastmlp::optimizer_step's CUDA kernels (cuda/optim.cuh) behind the same
+// OptimOps as the CPU and CUDA backends, on CPU tensors.
+template <typename T> BufferSpec span(const char* name, const T* data, int64_t numel, Access access) {
+  BufferSpec s;
+  s.name = name;
+  s.access = access;
+  s.data = data;
+  s.elem_size = sizeof(T);
+  s.bytes = static_cast<size_t>(numel) * sizeof(T);
+  return s;
+}
+
+struct EmuOptimKernels {
+  struct Guard {
+    explicit Guard(const c10::Device&) {}
+  };
+
+  template <typename T, class Slot, class Launch>
+  static void run(const std::vector<Slot>& slots, std::optional<double> max_grad_norm, const at::Tensor& like,
+                  const Launch& launch) {
+    using acc = fastmlp::acc_t<T>;
+    TORCH_CHECK(slots.size() <= static_cast<size_t>(fc::kOptimMaxSlots));
+    fc::SlotBatch<Slot> b;
+    for (const Slot& s : slots) fc::add_slot(b, s);
+    std::vector<BufferSpec> specs;
+    const Access grad_access = max_grad_norm.has_value() ? Access::kReadWrite : Access::kReadOnly;
+    for (const Slot& s : slots) {
+      specs.push_back(span("param", s.param, s.numel, Access::kReadWrite));
+      specs.push_back(span("grad", s.grad, s.numel, grad_access));
+      for (T* state : state_of(s)) {
+        if (state != nullptr) specs.push_back(span("state", state, s.numel, Access::kReadWrite));
+      }
+    }
+    at::Tensor ws;
+    if (max_grad_norm.has_value()) {
+      ws = empty_output({fc::clip_workspace_elems(b)}, like.options().dtype(c10::CppTypeToScalarType<acc>::value));
+      specs.push_back(span("workspace", ws.data_ptr<acc>(), ws.numel(), Access::kWriteFirst));
+    }
+    fastmlp_emu::BufferScope scope(specs);
+    const acc* coef = nullptr;
+    if (max_grad_norm.has_value()) {
+      fc::launch_clip_coef<T>(b, *max_grad_norm, ws.data_ptr<acc>(), kStream);
+      coef = ws.data_ptr<acc>() + b.first_chunk[b.count];
+    }
+    launch(b, coef);
+  }
+
+  template <typename T> static std::vector<T*> state_of(const fastmlp::SgdSlot<T>& s) { return {s.momentum_buffer}; }
+  template <typename T> static std::vector<T*> state_of(const fastmlp::AdamSlot<T>& s) {
+    return {s.exp_avg, s.exp_avg_sq, s.max_exp_avg_sq};
+  }
+
+  template <typename T>
+  static void sgd(const std::vector<fastmlp::SgdSlot<T>>& slots, std::optional<double> max_grad_norm,
+                  const at::Tensor& like) {
+    run<T>(slots, max_grad_norm, like, [](const auto& b, const auto* coef) { fc::launch_sgd<T>(b, coef, kStream); });
+  }
+
+  template <typename T>
+  static void adam(const std::vector<fastmlp::AdamSlot<T>>& slots, std::optional<double> max_grad_norm,
+                   const at::Tensor& like) {
+    run<T>(slots, max_grad_norm, like, [](const auto& b, const auto* coef) { fc::launch_adam<T>(b, coef, kStream); });
+  }
+};
+
+void optimizer_step(at::TensorList params, at::TensorList grads, at::TensorList state, int64_t optimizer,
+                    c10::ArrayRef<double> hyper, std::optional<double> max_grad_norm) {
+  fastmlp::OptimOps<EmuOptimKernels>::step(params, grads, state, optimizer, hyper, max_grad_norm);
+}
+
 // [memcheck compiled, launches, blocks, fiber switches, checked accesses]
 std::vector<int64_t> stats() {
   const auto& s = fastmlp_emu::stats();
@@ -422,5 +494,8 @@ TORCH_LIBRARY(fastmlp_emu_test, m) {
   m.def("fused_forward(Tensor input, Tensor[] weights, Tensor?[] biases, bool last_relu, int sm_count, "
         "int smem_optin) -> (Tensor[], int)",
         &fused_forward);
+  m.def("optimizer_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state, int optimizer, float[] hyper, "
+        "float? max_grad_norm) -> ()",
+        &optimizer_step);
   m.def("stats() -> int[]", &stats);
 }

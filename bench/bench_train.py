@@ -1,0 +1,340 @@
+"""Whole training steps and epochs, side by side: the seed loop in eager PyTorch,
+torch.compile, FusedBCEClassifier, torch_fastmlp.TrainStep, and (when jax and
+optax are installed) a jitted JAX/optax step.
+
+Run from the repository root::
+
+    python -m bench.bench_train                                # CPU, 784-30-1 and 1000-100-10
+    python -m bench.bench_train --phases train --batch-sizes 64,2048
+
+Phases:
+
+* ``train``: one step with the optimizer (``zero_grad``, forward, loss,
+  ``backward``, ``optimizer.step()``) on a fixed batch.
+* ``epoch``: one epoch over 12396 rows (the MNIST 3-vs-7 training set's size)
+  in minibatches: the seed loop with its ``DataLoader(TensorDataset(...),
+  shuffle=True)``, ``TrainStep.epoch``, and a JAX loop over a jitted step with
+  the rows gathered through a permutation.
+
+Every variant starts from the same weights; variants alternate round by round
+in one process, and each cell reports the median and minimum over rounds (this
+machine's timings move 20-50% between processes, so compare ratios within one
+run). Results go to ``bench/results/train-<device>-<date>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import torch_fastmlp as fm
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+EPOCH_ROWS = 12396
+WORKLOADS = {"784-30-1": ("bce", "adam"), "1000-100-10": ("bce", "adam")}
+LR = 1e-3
+
+
+def make_model(dims: list[int], seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_data(rows: int, dims: list[int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(rows, dims[0], generator=g)
+    y = torch.randint(0, 2, (rows, dims[-1]), generator=g).float()
+    return x.to(device), y.to(device)
+
+
+# --- variants: name -> (base model, x, y) -> one-iteration callable ---------------
+
+
+def eager_step_fn(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer) -> Callable:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def torch_variant(kind: str, base: nn.Sequential) -> Callable:
+    """A step function (x, y) -> loss for one of the PyTorch variants."""
+    if kind == "eager":
+        model = copy.deepcopy(base)
+        return eager_step_fn(model, nn.BCEWithLogitsLoss(), torch.optim.Adam(model.parameters(), lr=LR))
+    if kind == "eager-fused-adam":
+        model = copy.deepcopy(base)
+        return eager_step_fn(model, nn.BCEWithLogitsLoss(), torch.optim.Adam(model.parameters(), lr=LR, fused=True))
+    if kind == "compile":
+        model = copy.deepcopy(base)
+        loss_fn = nn.BCEWithLogitsLoss()
+        fwd = torch.compile(lambda x, y: loss_fn(model(x), y))
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            opt.zero_grad()
+            loss = fwd(x, y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+    if kind == "fused-classifier":
+        model = fm.Sequential(*copy.deepcopy(list(base)))
+        return _classifier_step(fm.FusedBCEClassifier(model), torch.optim.Adam(model.parameters(), lr=LR, fused=True))
+    if kind == "trainstep":
+        model = fm.Sequential(*copy.deepcopy(list(base)))
+        return fm.TrainStep(model, fm.BCEWithLogitsLoss(), torch.optim.Adam(model.parameters(), lr=LR))
+    raise ValueError(kind)
+
+
+def _classifier_step(clf: nn.Module, opt: torch.optim.Optimizer) -> Callable:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = clf(x, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def jax_step(base: nn.Sequential) -> tuple[Callable, Callable] | None:
+    """A jitted JAX/optax Adam step from the same weights, and an epoch loop; None without jax."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        import optax
+    except ImportError:
+        return None
+    layers = [m for m in base if isinstance(m, nn.Linear)]
+    params = [(jnp.asarray(m.weight.detach().numpy()), jnp.asarray(m.bias.detach().numpy())) for m in layers]
+
+    def loss_fn(params, x, y):
+        h = x
+        for i, (w, b) in enumerate(params):
+            h = h @ w.T + b
+            if i < len(params) - 1:
+                h = jax.nn.relu(h)
+        return optax.sigmoid_binary_cross_entropy(h, y).mean()
+
+    tx = optax.adam(LR)
+    state = {"params": params, "opt": tx.init(params)}
+
+    @jax.jit
+    def update(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def step(x, y):
+        state["params"], state["opt"], loss = update(state["params"], state["opt"], x, y)
+        loss.block_until_ready()
+        return loss
+
+    rng = np.random.default_rng(0)
+
+    def epoch(x, y, batch_size):
+        order = rng.permutation(x.shape[0])
+        loss = None
+        for b in range(0, x.shape[0], batch_size):
+            idx = order[b : b + batch_size]
+            state["params"], state["opt"], loss = update(state["params"], state["opt"], x[idx], y[idx])
+        loss.block_until_ready()
+
+    return step, epoch
+
+
+# --- timing -------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any], budget_s: float) -> float:
+    """Seconds per call of fn, over about budget_s."""
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(budget_s / one))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def run_rounds(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float) -> dict[str, list[float]]:
+    for fn in fns.values():  # warm-up (compile, optimizer state, caches)
+        for _ in range(3):
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            out[k].append(timed(fn, budget_s))
+    return out
+
+
+def bench_train(dims: list[int], batch: int, device: str, rounds: int, budget: float, variants: list[str]):
+    base = make_model(dims)
+    x, y = make_data(batch, dims, device)
+    base = base.to(device)
+    fns: dict[str, Callable[[], Any]] = {}
+    for v in variants:
+        if v == "jax":
+            if device != "cpu":
+                continue
+            js = jax_step(base.cpu())
+            if js is None:
+                continue
+            import jax.numpy as jnp
+
+            jx, jy = jnp.asarray(x.cpu().numpy()), jnp.asarray(y.cpu().numpy())
+            fns[v] = lambda js=js, jx=jx, jy=jy: js[0](jx, jy)
+        else:
+            step = torch_variant(v, base)
+            fns[v] = lambda step=step: step(x, y)
+    if device == "cuda":
+        fns = {k: _synced(f) for k, f in fns.items()}
+    return run_rounds(fns, rounds, budget)
+
+
+def _synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def bench_epoch(dims: list[int], batch: int, device: str, rounds: int, variants: list[str]):
+    base = make_model(dims).to(device)
+    x, y = make_data(EPOCH_ROWS, dims, device)
+    fns: dict[str, Callable[[], Any]] = {}
+    for v in variants:
+        if v == "jax":
+            js = jax_step(base.cpu()) if device == "cpu" else None
+            if js is None:
+                continue
+            import jax.numpy as jnp
+
+            jx, jy = jnp.asarray(x.cpu().numpy()), jnp.asarray(y.cpu().numpy())
+            fns[v] = lambda js=js, jx=jx, jy=jy: js[1](jx, jy, batch)
+        elif v == "trainstep":
+            ts = torch_variant("trainstep", base)
+            gen = torch.Generator().manual_seed(0)
+            fns[v] = lambda ts=ts, gen=gen: ts.epoch(x, y, batch, shuffle=True, generator=gen)
+        elif v in ("eager", "fused-classifier", "eager-fused-adam"):
+            step = torch_variant(v, base)
+            loader = DataLoader(TensorDataset(x, y), batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+            def run(step=step, loader=loader) -> None:
+                for xb, yb in loader:
+                    step(xb, yb)
+
+            fns[v] = run
+    if device == "cuda":
+        fns = {k: _synced(f) for k, f in fns.items()}
+    return run_rounds(fns, rounds, budget_s=0.0)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--workloads", default="784-30-1,1000-100-10")
+    p.add_argument("--phases", default="train,epoch")
+    p.add_argument("--batch-sizes", default="64,256,2048,12396")
+    p.add_argument("--epoch-batch-sizes", default="64,256,2048")
+    p.add_argument("--variants", default="eager,eager-fused-adam,compile,fused-classifier,trainstep,jax")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--budget", type=float, default=0.2, help="seconds per variant per round (train)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [v for v in args.variants.split(",") if v]
+    rows: list[dict[str, Any]] = []
+    for wl, phase in itertools.product(args.workloads.split(","), args.phases.split(",")):
+        dims = [int(d) for d in wl.split("-")]
+        batches = args.batch_sizes if phase == "train" else args.epoch_batch_sizes
+        for batch in (int(b) for b in batches.split(",")):
+            vs = [v for v in variants if phase == "train" or v != "compile"]
+            if phase == "train":
+                times = bench_train(dims, batch, args.device, args.rounds, args.budget, vs)
+            else:
+                times = bench_epoch(dims, batch, args.device, args.rounds, vs)
+            eager = statistics.median(times["eager"])
+            for v, ts in times.items():
+                med = statistics.median(ts)
+                rows.append({"workload": wl, "phase": phase, "batch": batch, "variant": v, "median_s": med,
+                             "min_s": min(ts), "samples_s": ts, "speedup_vs_eager": eager / med})  # fmt: skip
+                print(f"{wl:12s} {phase:6s} B={batch:<6d} {v:18s} median {med * 1e6:10.1f} us  "
+                      f"min {min(ts) * 1e6:10.1f} us  eager/x {eager / med:5.2f}", flush=True)  # fmt: skip
+    meta = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "command": "python -m bench.bench_train " + " ".join(argv or []),
+    }
+    out = args.out or RESULTS / f"train-{args.device}-{dt.datetime.now():%Y-%m-%d_%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(meta, rows))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Training step / epoch benchmark ({meta['device']}, {meta['threads']} threads)", "",
+             f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, load {meta['load_avg_1m']}.",
+             "Median over rounds (min in brackets); speedup = eager median / variant median.", "",
+             "| workload | phase | batch | variant | median | min | vs eager |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['phase']} | {r['batch']} | {r['variant']} | {_fmt(r['median_s'])} | "
+                     f"{_fmt(r['min_s'])} | {r['speedup_vs_eager']:.2f}x |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(s: float) -> str:
+    return f"{s * 1e6:.0f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+if __name__ == "__main__":
+    main()
