@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.optim.optimizer as _optim_module
 from torch import nn
 
 from . import functional as F
@@ -73,11 +74,9 @@ def _optimizer_kind(optimizer: torch.optim.Optimizer) -> int | None:
 def _optimizer_hooked(optimizer: torch.optim.Optimizer) -> bool:
     """Step hooks (the optimizer's or global ones), or a ``step`` replaced on the
     instance by anything but an LR scheduler's call counter, must run as they are."""
-    import torch.optim.optimizer as opt_mod
-
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return True
-    if opt_mod._global_optimizer_pre_hooks or opt_mod._global_optimizer_post_hooks:
+    if _optim_module._global_optimizer_pre_hooks or _optim_module._global_optimizer_post_hooks:
         return True
     step = optimizer.__dict__.get("step")
     return step is not None and not getattr(step, "_wrapped_by_lr_sched", False)
@@ -139,6 +138,7 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
+        self._empties: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         clip = "" if self.max_grad_norm is None else f", max_grad_norm={self.max_grad_norm}"
@@ -350,69 +350,88 @@ class TrainStep:
         """Masks, optimizer state and hyper-parameters for the trainable parameters
         (weight then bias, layer by layer). False where the fused update cannot
         give the eager result: a trainable parameter outside the optimizer (eager
-        would accumulate into its .grad), a non-contiguous one, or options it
-        does not implement. State not made yet marks the plan ``fresh``."""
+        would accumulate into its .grad), a non-contiguous one, options it does
+        not implement, state of another dtype or on the device (fused /
+        capturable Adam). State not made yet marks the plan ``fresh``. Shapes and
+        contiguity of the state are checked again by the op, before it writes."""
         optimizer = self.optimizer
-        group_of: dict[int, dict[str, Any]] = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                group_of[id(p)] = group
+        groups = optimizer.param_groups
+        group_of: dict[int, dict[str, Any]] | None = None
+        if len(groups) > 1:
+            group_of = {id(p): g for g in groups for p in g["params"]}
+        member = None if group_of is not None else {id(p) for p in groups[0]["params"]}
         hyper_of: dict[int, tuple[float, ...] | None] = {}
         adam = plan.kind == _ADAM
         opt_state = optimizer.state
+        empty = self._empty(plan.weights[0])
         for w, b in zip(plan.weights, plan.biases, strict=True):
             for p, mask in ((w, plan.weight_mask), (b, plan.bias_mask)):
                 if p is None or not p.requires_grad:
                     mask.append(False)
                     continue
                 mask.append(True)
-                group = group_of.get(id(p))
-                if group is None or not p.is_contiguous():
+                if group_of is not None:
+                    group = group_of.get(id(p))
+                    if group is None:
+                        return False
+                elif id(p) in member:  # type: ignore[operator]
+                    group = groups[0]
+                else:
+                    return False
+                if not p.is_contiguous():
                     return False
                 key = id(group)
-                if key not in hyper_of:
-                    hyper_of[key] = _adam_hyper(group) if adam else _sgd_hyper(group)
-                hyper = hyper_of[key]
+                hyper = hyper_of.get(key, False)
+                if hyper is False:
+                    hyper = hyper_of[key] = _adam_hyper(group) if adam else _sgd_hyper(group)
                 if hyper is None:
                     return False
                 state = opt_state.get(p)
+                dtype = p.dtype
                 if adam:
-                    if not state or "step" not in state:
+                    step = state.get("step") if state else None
+                    if step is None:
                         plan.fresh = True
                         continue
-                    step = state["step"]
-                    if not (isinstance(step, torch.Tensor) and step.is_cpu and step.dim() == 0):
+                    m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+                    vmax = state.get("max_exp_avg_sq") if hyper[5] else empty
+                    if not (type(step) is torch.Tensor and step.is_cpu) or m is None or v is None or vmax is None:
                         return False
-                    moments = [state.get("exp_avg"), state.get("exp_avg_sq")]
-                    moments.append(state.get("max_exp_avg_sq") if hyper[5] else None)
-                    for i, m in enumerate(moments):
-                        if m is None and i == 2:
-                            continue
-                        if not isinstance(m, torch.Tensor) or not _same_dtype_device(m, p) or not m.is_contiguous():
-                            return False
-                    plan.state.append(step)
-                    plan.state.extend(m if m is not None else p.new_empty((0,)) for m in moments)
+                    if m.dtype is not dtype or v.dtype is not dtype or (vmax is not empty and vmax.dtype is not dtype):
+                        return False
+                    plan.state += (step, m, v, vmax)
                 elif hyper[1] != 0:
                     buf = state.get("momentum_buffer") if state else None
                     if buf is None:
                         plan.fresh = True
                         continue
-                    if not isinstance(buf, torch.Tensor) or not _same_dtype_device(buf, p) or not buf.is_contiguous():
+                    if buf.dtype is not dtype:
                         return False
                     plan.state.append(buf)
                 else:
-                    plan.state.append(p.new_empty((0,)))
+                    plan.state.append(empty)
                 plan.trainable.append(p)
-                plan.hyper.extend(hyper)
+                plan.hyper += hyper
         return True
+
+    def _empty(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-element tensor of ``like``'s dtype and device: the op's "no state" entry."""
+        key = (like.dtype, like.device)
+        cached = self._empties.get(key)
+        if cached is None:
+            cached = self._empties[key] = like.new_empty((0,))
+        return cached
 
     # --- after the op ---------------------------------------------------------
 
     def _clear_other_grads(self, plan: _Plan) -> None:
         """``optimizer.zero_grad()`` for the optimizer's parameters that the step
         gives no gradient (frozen ones, or ones outside the model)."""
+        groups = self.optimizer.param_groups
+        if sum(len(g["params"]) for g in groups) == len(plan.trainable):
+            return  # every parameter of the optimizer gets its gradient from the step
         trainable = {id(p) for p in plan.trainable}
-        for group in self.optimizer.param_groups:
+        for group in groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) not in trainable:
                     p.grad = None
