@@ -101,3 +101,60 @@ def test_ddp_gradients_equal_full_batch(tmp_path: Path) -> None:
     # Both ranks hold bitwise identical gradients after the all-reduce.
     for k in expected:
         assert torch.equal(results[0]["grads"][k], results[1]["grads"][k])
+
+
+def _train_step_worker(rank: int, port: int, out_dir: str) -> None:
+    """TrainStep on a DDP model: three Adam steps on this rank's shard."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    try:
+        model = torch_fastmlp.fuse(build_model())
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        step = torch_fastmlp.TrainStep(ddp, torch_fastmlp.BCEWithLogitsLoss(), opt, max_grad_norm=0.5)
+        x, y = make_data()
+        shard = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        losses = [float(step(x[shard], y[shard])) for _ in range(3)]
+        plan = step._plan(x[shard], y[shard])
+        assert plan is not None and not plan.fresh  # steps 2 and 3 ran the fused path
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        params = {k: p.detach().clone() for k, p in model.named_parameters()}
+        torch.save({"grads": grads, "params": params, "losses": losses}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_step_under_ddp_equals_ddp(tmp_path: Path) -> None:
+    """TrainStep(DDP(model)) averages the gradients over the process group as DDP
+    does: both ranks end with the parameters of full-batch training."""
+    ctx = mp.start_processes(
+        _train_step_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ref = build_model()
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    x, y = make_data()
+    for _ in range(3):  # the full batch's mean loss has the average of the shards' gradients
+        opt.zero_grad()
+        nn.BCEWithLogitsLoss()(ref(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+    for r in results:
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(r["params"][k], p.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(r["grads"][k], p.grad, rtol=1e-5, atol=1e-6)
+    for k in results[0]["params"]:
+        assert torch.equal(results[0]["params"][k], results[1]["params"][k])
