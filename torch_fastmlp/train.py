@@ -33,6 +33,7 @@ __all__ = ["TrainStep"]
 _SGD, _ADAM = 0, 1
 _BCE_TYPES = (nn.BCEWithLogitsLoss, BCEWithLogitsLoss)
 _REDUCTIONS = {"mean": 1, "sum": 2}
+_CUDA_MAX_PARAMS = 24  # parameters one launch of the CUDA update takes (kOptimMaxSlots in cuda/optim.cuh)
 
 
 def _is_number(v: object) -> bool:
@@ -322,10 +323,20 @@ class TrainStep:
         plan.chain = chain
         plan.kind = kind
         plan.weights, plan.biases = params
-        return plan if self._plan_params(plan) else None
+        if not self._plan_params(plan):
+            return None
+        if input.is_cuda and len(plan.trainable) > _CUDA_MAX_PARAMS:  # type: ignore[union-attr]
+            return None
+        return plan
 
     @staticmethod
     def _cuda_ok(input: torch.Tensor) -> bool:
+        """The CUDA kernels are built, and no CUDA graph is being captured: the
+        step count is torch's CPU scalar, read on the host, so a captured step
+        would replay stale bias corrections (the eager lines raise torch's error
+        for capturable=False, or run the capturable optimizer)."""
+        if torch.cuda.is_current_stream_capturing():
+            return False
         return torch._C._dispatch_has_kernel_for_dispatch_key("fastmlp::optimizer_step", "CUDA")
 
     def _loss_fusable(self, input: Any, target: object, chain: _Chain) -> bool:
