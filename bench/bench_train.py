@@ -10,7 +10,8 @@ Run from the repository root::
 Phases:
 
 * ``train``: one step with the optimizer (``zero_grad``, forward, loss,
-  ``backward``, ``optimizer.step()``) on a fixed batch.
+  ``backward``, ``optimizer.step()``), each on the next of a fixed list of
+  batches (the rows of a 12396-row data set).
 * ``epoch``: one epoch over 12396 rows (the MNIST 3-vs-7 training set's size)
   in minibatches: the seed loop with its ``DataLoader(TensorDataset(...),
   shuffle=True)``, ``TrainStep.epoch``, and a JAX loop over a jitted step with
@@ -197,10 +198,27 @@ def run_rounds(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float) 
     return out
 
 
+def cycling(batches: list[Any], step: Callable[[Any, Any], Any]) -> Callable[[], Any]:
+    """One step per call on the next batch of ``batches`` (a fixed batch trained on
+    for thousands of steps drives the gradients, and Adam's second moments, into
+    float denormals, whose arithmetic is ~100x slower on x86: not a training workload)."""
+    i = 0
+
+    def run() -> Any:
+        nonlocal i
+        xb, yb = batches[i % len(batches)]
+        i += 1
+        return step(xb, yb)
+
+    return run
+
+
 def bench_train(dims: list[int], batch: int, device: str, rounds: int, budget: float, variants: list[str]):
-    base = make_model(dims)
-    x, y = make_data(batch, dims, device)
-    base = base.to(device)
+    base = make_model(dims).to(device)
+    x, y = make_data(max(batch, EPOCH_ROWS), dims, device)
+    pool = [
+        (x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(max(1, EPOCH_ROWS // batch))
+    ]
     fns: dict[str, Callable[[], Any]] = {}
     for v in variants:
         if v == "jax":
@@ -211,11 +229,10 @@ def bench_train(dims: list[int], batch: int, device: str, rounds: int, budget: f
                 continue
             import jax.numpy as jnp
 
-            jx, jy = jnp.asarray(x.cpu().numpy()), jnp.asarray(y.cpu().numpy())
-            fns[v] = lambda js=js, jx=jx, jy=jy: js[0](jx, jy)
+            jpool = [(jnp.asarray(a.cpu().numpy()), jnp.asarray(b.cpu().numpy())) for a, b in pool]
+            fns[v] = cycling(jpool, js[0])
         else:
-            step = torch_variant(v, base)
-            fns[v] = lambda step=step: step(x, y)
+            fns[v] = cycling(pool, torch_variant(v, base))
     if device == "cuda":
         fns = {k: _synced(f) for k, f in fns.items()}
     return run_rounds(fns, rounds, budget)

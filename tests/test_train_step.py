@@ -365,3 +365,22 @@ def test_op_registered_and_opcheck() -> None:
             plan.kind, plan.hyper, None)  # fmt: skip
     torch.library.opcheck(torch.ops.fastmlp.mlp_bce_train_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+def test_update_and_epoch_ops_opcheck() -> None:
+    sizes = [6, 5, 1]
+    _, _, step = twins(sizes, OPTIMIZERS["sgd-momentum"])
+    x, y = data(9, sizes)
+    step(x, y)  # makes the momentum buffers
+    plan = step._plan(x, y)
+    assert plan is not None and not plan.fresh
+    grads = [p.grad.clone() for p in plan.trainable]
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(
+        torch.ops.fastmlp.optimizer_step.default,
+        (plan.trainable, grads, plan.state, plan.kind, plan.hyper, 1.0),
+        test_utils=utils,
+    )
+    args = (x, y, torch.randperm(9), 4, False, plan.weights, plan.biases, False, None, None, 1, plan.weight_mask,
+            plan.bias_mask, plan.state, plan.kind, plan.hyper, None)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastmlp.mlp_bce_train_epoch.default, args, test_utils=utils)
