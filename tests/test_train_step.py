@@ -272,6 +272,21 @@ def test_unsupported_runs_eager() -> None:
         step(*data(8, sizes))
 
 
+def test_input_grad_and_no_grad_run_eager() -> None:
+    """An input that requires grad gets its .grad, and under no_grad backward fails, as in eager."""
+    sizes = [10, 6, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+    x, y = data(8, sizes)
+    step(x, y)
+    eager_step(ref, nn.BCEWithLogitsLoss(), ref_opt, x, y)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(step(xa, y), eager_step(ref, nn.BCEWithLogitsLoss(), ref_opt, xb, y))
+    torch.testing.assert_close(xa.grad, xb.grad)
+    assert_same_training(ref, ref_opt, step)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
+        step(x, y)
+
+
 def test_bad_target_gives_torchs_error() -> None:
     sizes = [10, 6, 2]
     _, _, step = twins(sizes, OPTIMIZERS["sgd"])

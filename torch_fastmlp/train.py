@@ -312,6 +312,9 @@ class TrainStep:
             return None
         if input.numel() == 0 or not (input.dtype is torch.float32 or input.dtype is torch.float64):  # type: ignore[union-attr]
             return None
+        # Eager would fill input.grad, or fail in backward without grad mode.
+        if input.requires_grad or not torch.is_grad_enabled():  # type: ignore[union-attr]
+            return None
         if input.is_cuda and not self._cuda_ok(input):  # type: ignore[union-attr]
             return None
         kind = _optimizer_kind(self.optimizer)
