@@ -287,6 +287,21 @@ def test_input_grad_and_no_grad_run_eager() -> None:
         step(x, y)
 
 
+def test_updated_tensors_count_as_modified_in_place() -> None:
+    """A graph that saved a parameter before the step fails in backward, as in eager."""
+    sizes = [10, 6, 1]
+    _, _, step = twins(sizes, OPTIMIZERS["adam"])
+    x, y = data(8, sizes)
+    step(x, y)
+    model = step.model
+    versions = [p._version for p in model.parameters()]
+    saved = (model[0].weight ** 2).sum()  # pow saves the weight for backward
+    step(x, y)
+    assert all(p._version > v for p, v in zip(model.parameters(), versions, strict=True))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
 def test_bad_target_gives_torchs_error() -> None:
     sizes = [10, 6, 2]
     _, _, step = twins(sizes, OPTIMIZERS["sgd"])

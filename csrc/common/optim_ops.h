@@ -60,9 +60,21 @@ template <class Kernels> struct OptimOps {
         Kernels::template adam<scalar_t>(adam_slots<scalar_t>(params, grads, state, hyper), max_grad_norm, first);
       }
     });
+    bump_versions(params, grads, state, max_grad_norm.has_value());
   }
 
  private:
+  // Every tensor the update writes counts as modified in place, as after
+  // torch.optim's in-place ops: autograd then refuses a graph that saved one
+  // of them before the step instead of using its new values.
+  static void bump_versions(at::TensorList params, at::TensorList grads, at::TensorList state, bool clipped) {
+    for (const at::Tensor& t : params) t.unsafeGetTensorImpl()->bump_version();
+    for (const at::Tensor& t : state)
+      if (present(t) || (t.defined() && t.dim() == 0)) t.unsafeGetTensorImpl()->bump_version();
+    if (clipped)
+      for (const at::Tensor& t : grads) t.unsafeGetTensorImpl()->bump_version();
+  }
+
   template <typename T>
   static std::vector<SgdSlot<T>> sgd_slots(at::TensorList params, at::TensorList grads, at::TensorList state,
                                            c10::ArrayRef<double> hyper) {
