@@ -84,13 +84,23 @@ template <class OptimKernels> struct TrainOps {
     std::vector<at::Tensor> losses;
     losses.reserve(batches);
     std::vector<at::Tensor> grad_w, grad_b;
+    // One buffer per operand for every batch's gathered rows (a fresh input-sized
+    // allocation per batch can pay its page faults every time).
+    at::Tensor x_buf, y_buf;
+    if (shuffled && batches > 0) {
+      const int64_t buf_rows = std::min(batch_size, rows);
+      x_buf = at::empty({buf_rows, inputs.size(1)}, inputs.options());
+      y_buf = at::empty({buf_rows, targets.size(1)}, targets.options());
+    }
     for (int64_t b = 0; b < batches; ++b) {
       const int64_t start = b * batch_size, len = std::min(batch_size, rows - start);
       at::Tensor x, y;
       if (shuffled) {
         const at::Tensor idx = perm.narrow(0, start, len);
-        x = inputs.index_select(0, idx);
-        y = targets.index_select(0, idx);
+        x = x_buf.narrow(0, 0, len);
+        y = y_buf.narrow(0, 0, len);
+        at::index_select_out(x, inputs, 0, idx);
+        at::index_select_out(y, targets, 0, idx);
       } else {
         x = inputs.narrow(0, start, len);
         y = targets.narrow(0, start, len);
