@@ -186,6 +186,20 @@ def test_param_groups_frozen_and_outside_params() -> None:
     assert counter.calls == 1
 
 
+def test_shared_weight_runs_eager() -> None:
+    """A weight shared by two layers gets the sum of both gradients and one update, as in eager."""
+    ref = reference_mlp([8, 8, 8, 1])
+    ref[2].weight = ref[0].weight
+    model = copy.deepcopy(ref)
+    assert model[2].weight is model[0].weight
+    ref_opt, opt = torch.optim.Adam(ref.parameters(), lr=1e-2), torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = TrainStep(model, nn.BCEWithLogitsLoss(), opt)
+    for i in range(3):
+        x, y = data(8, [8, 8, 8, 1], seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, nn.BCEWithLogitsLoss(), ref_opt, x, y))
+    assert_same_training(ref, ref_opt, step)
+
+
 def test_trainable_param_outside_optimizer_runs_eager() -> None:
     """Eager would accumulate into such a parameter's .grad: the step runs the eager lines."""
     sizes = [10, 6, 1]

@@ -384,6 +384,8 @@ class TrainStep:
                     mask.append(False)
                     continue
                 mask.append(True)
+                if any(p is q for q in plan.trainable):
+                    return False  # a parameter shared by two layers: eager sums its gradients
                 if group_of is not None:
                     group = group_of.get(id(p))
                     if group is None:
