@@ -428,3 +428,49 @@ def test_update_and_epoch_ops_opcheck() -> None:
     args = (x, y, torch.randperm(9), 4, False, plan.weights, plan.biases, False, None, None, 1, plan.weight_mask,
             plan.bias_mask, plan.state, plan.kind, plan.hyper, None)  # fmt: skip
     torch.library.opcheck(torch.ops.fastmlp.mlp_bce_train_epoch.default, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_configurations_match_eager(seed: int) -> None:
+    """Random chains (widths, biases, final ReLU, frozen parameters), losses and optimizer options."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    depth = pick(1, 2, 3)
+    sizes = [int(torch.randint(1, 40, (1,), generator=rng)) for _ in range(depth + 1)]
+    ref = reference_mlp(sizes, bias=[pick(True, False) for _ in range(depth)], last_relu=pick(False, True), seed=seed)
+    for p in ref.parameters():
+        if pick(True, True, True, False):
+            continue
+        p.requires_grad_(False)
+    if not any(p.requires_grad for p in ref.parameters()):
+        next(ref.parameters()).requires_grad_(True)
+    model = torch_fastmlp.Sequential(*copy.deepcopy(list(ref)))
+    if pick(True, False):
+        kw = {"lr": pick(1e-2, 1e-3), "momentum": pick(0.0, 0.9), "weight_decay": pick(0.0, 0.01),
+              "maximize": pick(False, True)}  # fmt: skip
+        kw["nesterov"] = kw["momentum"] > 0 and pick(False, True)
+        kw["dampening"] = 0.0 if kw["nesterov"] else pick(0.0, 0.5)
+        make = lambda params: torch.optim.SGD(params, **kw)  # noqa: E731
+    else:
+        cls = pick(torch.optim.Adam, torch.optim.AdamW)
+        kw = {"lr": pick(1e-2, 1e-3), "betas": pick((0.9, 0.999), (0.5, 0.9)), "weight_decay": pick(0.0, 0.1),
+              "amsgrad": pick(False, True), "maximize": pick(False, True)}  # fmt: skip
+        make = lambda params: cls(params, **kw)  # noqa: E731
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    ref_opt, opt = make(trainable(ref)), make(trainable(model))
+    loss_kw = {"reduction": pick("mean", "sum")}
+    if pick(True, False):
+        loss_kw["pos_weight"] = torch.rand(sizes[-1], generator=rng) * 2
+    clip = pick(None, 0.1)
+    step = TrainStep(model, nn.BCEWithLogitsLoss(**loss_kw), opt, max_grad_norm=clip)
+    counter = EagerCounter(step)
+    for i in range(4):
+        x, _ = data(int(torch.randint(1, 300, (1,), generator=rng)), sizes, seed=100 * seed + i)
+        y = torch.rand(x.shape[0], sizes[-1], generator=rng)
+        expected = eager_step(ref, nn.BCEWithLogitsLoss(**loss_kw), ref_opt, x, y, clip=clip)
+        torch.testing.assert_close(step(x, y), expected, rtol=1e-4, atol=1e-5)
+    assert_same_training(ref, ref_opt, step, rtol=1e-4, atol=1e-5)
+    assert counter.calls <= 1
