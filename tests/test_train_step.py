@@ -341,9 +341,9 @@ def test_bitwise_across_thread_counts(opt_name: str) -> None:
 # --- epoch ------------------------------------------------------------------
 
 
-def loader_epoch(model, loss_fn, opt, x, y, batch_size, **kw) -> torch.Tensor:
-    losses = [eager_step(model, loss_fn, opt, xb, yb) for xb, yb in DataLoader(TensorDataset(x, y), batch_size, **kw)]
-    return torch.stack(losses)
+def loader_epoch(model, loss_fn, opt, x, y, batch_size, clip=None, **kw) -> torch.Tensor:
+    loader = DataLoader(TensorDataset(x, y), batch_size, **kw)
+    return torch.stack([eager_step(model, loss_fn, opt, xb, yb, clip=clip) for xb, yb in loader])
 
 
 @pytest.mark.parametrize(
@@ -474,3 +474,27 @@ def test_random_configurations_match_eager(seed: int) -> None:
         torch.testing.assert_close(step(x, y), expected, rtol=1e-4, atol=1e-5)
     assert_same_training(ref, ref_opt, step, rtol=1e-4, atol=1e-5)
     assert counter.calls <= 1
+
+
+@pytest.mark.parametrize("clip", [None, 0.1])
+@pytest.mark.parametrize("opt_name", ["sgd-dampening-wd", "adam-amsgrad-maximize", "adamw"])
+def test_device_steps_and_epoch_match_eager(device: str, opt_name: str, clip: float | None) -> None:
+    """The same comparison on every device (CUDA: the fused chain kernel, the multi-tensor update)."""
+    sizes = [784, 30, 1]
+    ref = reference_mlp(sizes).to(device)
+    model = torch_fastmlp.Sequential(*copy.deepcopy(list(ref)))
+    make = OPTIMIZERS[opt_name]
+    ref_opt, opt = make(list(ref.parameters())), make(list(model.parameters()))
+    step = TrainStep(model, torch_fastmlp.BCEWithLogitsLoss(), opt, max_grad_norm=clip)
+    counter = EagerCounter(step)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for i in range(3):
+        x, y = (t.to(device) for t in data(300, sizes, seed=i))
+        torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y, clip=clip), rtol=2e-5, atol=2e-6)
+    x, y = (t.to(device) for t in data(500, sizes, seed=9))
+    expected = loader_epoch(ref, loss_fn, ref_opt, x, y, 64, shuffle=True, generator=torch.Generator().manual_seed(3),
+                            clip=clip)  # fmt: skip
+    got = step.epoch(x, y, 64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-6)
+    assert_same_training(ref, ref_opt, step)
+    assert counter.calls == 1
