@@ -311,6 +311,8 @@ class Built:
 
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     model: nn.Module
+    #: Phase ``step`` runs torch_fastmlp.TrainStep(model, loss_fn.loss, Adam) (the other phases skip).
+    train_step: bool = False
 
 
 class LossModule(nn.Module):
@@ -332,6 +334,11 @@ def pos_weight_tensor(base: nn.Sequential, env: Env) -> Tensor | None:
     last = [m for m in base if isinstance(m, nn.Linear)][-1]
     w = last.weight
     return torch.full((last.out_features,), env.pos_weight, device=w.device, dtype=w.dtype)
+
+
+def require_fastmlp_module() -> ModuleType:
+    """torch_fastmlp, already imported by the variant factory that needs it."""
+    return sys.modules["torch_fastmlp"]
 
 
 def require_fastmlp(env: Env) -> ModuleType:
@@ -375,12 +382,23 @@ def build_fused_classifier(base: nn.Sequential, env: Env) -> Built:
     return Built(cls(model, pos_weight=pos_weight_tensor(base, env), reduction="mean"), model)
 
 
+def build_train_step(base: nn.Sequential, env: Env) -> Built:
+    """``torch_fastmlp.TrainStep``: forward, loss, backward and the Adam update in one op (phase ``step``)."""
+    fm = require_fastmlp(env)
+    if getattr(fm, "TrainStep", None) is None:
+        raise SkipVariant("torch_fastmlp.TrainStep not available")
+    built = build_fastmlp(base, env)
+    built.train_step = True
+    return built
+
+
 VARIANTS: dict[str, Callable[[nn.Sequential, Env], Built]] = {
     EAGER: build_eager,
     "compile": compiled(None),
     "compile-autotune": compiled("max-autotune-no-cudagraphs"),
     "fastmlp": build_fastmlp,
     "fastmlp-fused": build_fused_classifier,
+    "fastmlp-trainstep": build_train_step,
 }
 
 
@@ -427,6 +445,15 @@ def make_runner(built: Built, phase: str, x: Tensor, target: Tensor) -> Callable
 
         return run_fwd
     opt = torch.optim.Adam(built.model.parameters(), lr=1e-4) if phase == "step" else None
+    if built.train_step:
+        if opt is None:
+            raise SkipVariant("TrainStep runs whole training steps (phase step only)")
+        step = require_fastmlp_module().TrainStep(built.model, built.loss_fn.loss, opt)  # type: ignore[union-attr]
+
+        def run_train_step() -> None:
+            step(x, target)
+
+        return run_train_step
 
     def run_train() -> None:
         built.model.zero_grad(set_to_none=True)
