@@ -251,7 +251,10 @@ info_step() {
 }
 
 pytest_step() {
-    "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider --durations=10 -rfE tests
+    # pytest-xdist (on the lent image) spreads the ~1300 small CUDA tests over 4 processes.
+    local parallel=()
+    if [[ "$DRY_RUN" != 1 ]] && "$PYTHON" -c 'import xdist' 2>/dev/null; then parallel=(-n 4); fi
+    "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider --durations=10 -rfE "${parallel[@]}" tests
 }
 
 sanitizer_step() { # sanitizer_step TOOL
@@ -318,7 +321,7 @@ ncu_step() {
     fi
     local rep="$WORK/ncu-main-kernels"
     ncu --clock-control none --target-processes all --set detailed \
-        --kernel-name regex:'fused_step_kernel|fused_forward_kernel|gemm_kernel' --launch-count 4 \
+        --kernel-name regex:'.*(fused_step_kernel|fused_forward_kernel|gemm_kernel).*' --launch-count 5 \
         --export "$rep" --force-overwrite "$PYTHON" -m bench.ncu_case --device cuda --batch 12396
     ncu --import "$rep.ncu-rep" --page details --csv
 }

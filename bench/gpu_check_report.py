@@ -61,9 +61,15 @@ def pytest_line(text: str) -> str | None:
 
 
 def sanitizer_line(text: str) -> str | None:
-    """compute-sanitizer's ``ERROR SUMMARY: N errors``."""
+    """compute-sanitizer's ``ERROR SUMMARY: N errors``, and how many of its reports are
+    kernel accesses or races (``Invalid __global__ read``, ``Race reported``...) and how many
+    failed API calls (``Program hit cudaError...``, which torch itself can cause)."""
     m = _last_match(r"ERROR SUMMARY: (\d+ errors?)", text)
-    return m.group(1) if m else None
+    if not m:
+        return None
+    kernel = len(re.findall(r"^=+ (Invalid __\w+__|Race reported|.*[Hh]azard|Barrier error|Uninitialized)", text, re.M))
+    api = len(re.findall(r"^=+ Program hit ", text, re.M))
+    return f"{m.group(1)} ({kernel} in kernels, {api} API calls)"
 
 
 def bench_keys(text: str, json_path: Path | None) -> str:

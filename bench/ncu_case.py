@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     classifier(x, y).backward()  # fused_step_kernel (+ its finish kernel)
     loss = fm.BCEWithLogitsLoss()(model(x), y)  # fused_forward_kernel (+ the BCE kernels)
-    loss.backward()  # gemm_kernel: the layers' weight and input gradients
+    loss.backward()  # gemm_kernel x3: layer 2's weight and input gradients, layer 1's weight gradient
     if device.type == "cuda":
         torch.cuda.synchronize()
     grads = [p.grad for p in model.parameters()]

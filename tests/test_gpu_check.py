@@ -178,9 +178,16 @@ def test_sanitizer_tests_exist_and_are_cuda_cases() -> None:
 
 
 def test_report_pytest_and_sanitizer_lines() -> None:
-    text = "....\n========= ERROR SUMMARY: 3 errors\n==== 12 passed, 2 skipped, 1 warning in 4.31s ====\n"
+    text = (
+        "========= Invalid __global__ read of size 4 bytes\n"
+        "=========     at fastmlp::cuda::gemm_kernel<float>(GemmParams<float>, float *)+0x1c0\n"
+        "========= Program hit cudaErrorInvalidValue (error 1) due to invalid argument on CUDA API call\n"
+        "========= Invalid __shared__ write of size 4 bytes\n"
+        "....\n========= ERROR SUMMARY: 3 errors\n==== 12 passed, 2 skipped, 1 warning in 4.31s ====\n"
+    )
     assert report.pytest_line(text) == "12 passed, 2 skipped, 1 warning in 4.31s"
-    assert report.sanitizer_line(text) == "3 errors"
+    assert report.sanitizer_line(text) == "3 errors (2 in kernels, 1 API calls)"
+    assert report.sanitizer_line("========= ERROR SUMMARY: 0 errors\n") == "0 errors (0 in kernels, 0 API calls)"
     assert (
         report.pytest_line("!!! KeyboardInterrupt !!!\n1 failed, 40 passed in 9.0s\n") == "1 failed, 40 passed in 9.0s"
     )
