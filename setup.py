@@ -60,6 +60,14 @@ def _log(msg: str) -> None:
             pass
 
 
+#: What the build will do, said when it starts (pip runs this file for its metadata too).
+_PLAN: list[str] = []
+
+
+def _plan(msg: str) -> None:
+    _PLAN.append(msg)
+
+
 def torch_release(version: str) -> tuple[int, ...]:
     """``"2.11.0+cu130"`` -> ``(2, 11, 0)``."""
     return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
@@ -154,7 +162,7 @@ def build_extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros: list[tuple[str, str | None]] = []
     jobs = os.environ.get("MAX_JOBS") or f"{os.cpu_count()} + 2 (ninja's default; set MAX_JOBS)"
-    _log(f"torch {torch.__version__}, Python {sys.version.split()[0]}, build folder {BUILD_TEMP}")
+    _plan(f"torch {torch.__version__}, Python {sys.version.split()[0]}")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             # The visible GPUs' capabilities (what torch would pick), or a default list without a GPU.
@@ -163,8 +171,8 @@ def build_extension():
         sources += cuda_sources
         include_dirs += wheel_cuda_include_dirs()
         arches = os.environ["TORCH_CUDA_ARCH_LIST"]
-        _log(f"building CPU + CUDA kernels ({why}; TORCH_CUDA_ARCH_LIST={arches})")
-        _log(
+        _plan(f"building CPU + CUDA kernels ({why}; TORCH_CUDA_ARCH_LIST={arches})")
+        _plan(
             f"compiling {len(sources) - len(cuda_sources)} C++ and {len(cuda_sources)} CUDA files, "
             f"MAX_JOBS={jobs}: "
             "this takes several minutes (on 2 cores ~9 minutes for 2 archs; each arch adds to every CUDA file), "
@@ -183,8 +191,8 @@ def build_extension():
             },
             extra_link_args=["-fopenmp"],
         ), cpp_extension
-    _log(f"building CPU kernels only ({why})")
-    _log(f"compiling {len(sources)} C++ files, MAX_JOBS={jobs}: this takes a few minutes, an unchanged rebuild seconds")
+    _plan(f"building CPU kernels only ({why})")
+    _plan(f"compiling {len(sources)} C++ files, MAX_JOBS={jobs}: a few minutes, an unchanged rebuild seconds")
     return cpp_extension.CppExtension(
         "torch_fastmlp._C",
         sources,
@@ -222,6 +230,8 @@ def build_ext_class(cpp_extension):
                 self.build_temp = BUILD_TEMP
 
         def run(self) -> None:
+            for msg in _PLAN:
+                _log(msg)
             _log(f"compiling into {self.build_temp} (ninja recompiles only what changed)")
             super().run()
             _log("build done")
