@@ -49,7 +49,7 @@ export DRY_RUN
 CORES="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)"
 export MAX_JOBS="${MAX_JOBS:-$CORES}"
 VERBOSE="${GPU_CHECK_VERBOSE:-0}"
-if [[ "$DRY_RUN" == 1 ]]; then TOTAL="${GPU_CHECK_TOTAL_S:-210}"; else TOTAL="${GPU_CHECK_TOTAL_S:-465}"; fi
+if [[ "$DRY_RUN" == 1 ]]; then TOTAL="${GPU_CHECK_TOTAL_S:-220}"; else TOTAL="${GPU_CHECK_TOTAL_S:-465}"; fi
 T0=$SECONDS
 
 if [[ -n "${OUT:-}" ]]; then
@@ -115,8 +115,8 @@ declare -A MIN=([env]=5 [build]=60 [info]=10 [pytest-cuda]=30 [bench]=45 [memche
 declare -A RESERVE=([env]=5 [build]=60 [info]=10 [pytest-cuda]=30 [bench]=45 [memcheck]=30 [racecheck]=25
     [bench-compile]=0 [ncu]=0)
 if [[ "$DRY_RUN" == 1 ]]; then
-    BUDGET=([env]=20 [build]=30 [info]=30 [pytest-cuda]=60 [bench]=60 [memcheck]=45 [racecheck]=20
-        [bench-compile]=30 [ncu]=30)
+    BUDGET=([env]=30 [build]=40 [info]=40 [pytest-cuda]=80 [bench]=80 [memcheck]=60 [racecheck]=20
+        [bench-compile]=45 [ncu]=40)
     MIN=([env]=3 [build]=5 [info]=5 [pytest-cuda]=10 [bench]=10 [memcheck]=10 [racecheck]=3
         [bench-compile]=10 [ncu]=5)
     RESERVE=([env]=3 [build]=5 [info]=5 [pytest-cuda]=10 [bench]=10 [memcheck]=10 [racecheck]=3
@@ -219,9 +219,9 @@ refresh_out() {
 
 # --- what each step runs (exported: run_step starts them under timeout in a new bash) ---
 env_step() {
-    echo "key: $(uname -n), $CORES cores, $("$PYTHON" -c 'import platform; print("Python", platform.python_version())')"
-    "$PYTHON" -c 'import torch; print("key: torch", torch.__version__, "CUDA", torch.version.cuda,
-        "| GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
+    echo "key: $(uname -n), $CORES cores"
+    "$PYTHON" -c 'import platform, torch; print("key: Python", platform.python_version(), "| torch", torch.__version__,
+        "CUDA", torch.version.cuda, "| GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi
         nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
@@ -287,7 +287,7 @@ bench_step() {
         "${GPU_CHECK_VARIANTS:-eager,fastmlp,fastmlp-fused,fastmlp-train}")"
     if [[ "$DRY_RUN" == 1 ]]; then
         # shellcheck disable=SC2086  # $args is a list of options
-        "$PYTHON" -m bench.bench_mlp --device cpu --workloads 30-10-2 --batch-sizes 8,33 \
+        "$PYTHON" -m bench.bench_mlp --device cpu --workloads 30-10-2 --batch-sizes 33 \
             --dtypes float32,bfloat16 $args --min-run-time 0.02 --rounds 1 --warmup 1 --threads 1 \
             --out "$WORK/bench-cpu.json" --no-plot
         return
