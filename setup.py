@@ -2,34 +2,84 @@
 
 CUDA kernels are compiled when torch is a CUDA build and nvcc is found
 (``FASTMLP_CUDA=auto``, the default); ``FASTMLP_CUDA=1`` requires them and
-``FASTMLP_CUDA=0`` builds the CPU kernels only.
+``FASTMLP_CUDA=0`` builds the CPU kernels only. Any torch from 2.11 to 2.14.1
+(the range in pyproject.toml) will do: the extension compiles against the one
+installed, so build with ``--no-build-isolation``.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
+import sysconfig
+
+from setuptools import setup
+
+#: The torch releases this code builds against (pyproject.toml's range; CI tests the last).
+TORCH_OLDEST, TORCH_NEWEST = (2, 11), (2, 14, 1)
 
 try:
     import torch
 except ImportError:  # pragma: no cover - only hit without --no-build-isolation
     sys.exit(
-        "torch_fastmlp: building needs PyTorch importable in the build environment.\n"
+        "torch_fastmlp: building needs PyTorch (2.11 to 2.14.1) importable in the build environment.\n"
         "Install torch first, then build without isolation:\n"
         "    pip install torch==2.14.1\n"
         "    pip install --no-build-isolation .\n"
     )
 
-from setuptools import setup
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
+def _tty():
+    """The terminal, when pip captures this process's output (pip shows it only with -v)."""
+    if sys.stdout.isatty():
+        return None
+    try:
+        return open("/dev/tty", "w")  # noqa: SIM115 -- kept open for the whole build
+    except OSError:  # no controlling terminal (CI): the lines stay in pip's log
+        return None
+
+
+_TTY = _tty()
+
+
 def _log(msg: str) -> None:
-    print(f"torch_fastmlp: {msg}", flush=True)
+    """A progress line: on stdout, and on the terminal too when pip hides stdout."""
+    line = f"torch_fastmlp: {msg}"
+    print(line, flush=True)
+    if _TTY is not None:
+        try:
+            _TTY.write(f"\n{line}")
+            _TTY.flush()
+        except OSError:
+            pass
+
+
+#: What the build will do, said when it starts (pip runs this file for its metadata too).
+_PLAN: list[str] = []
+
+
+def _plan(msg: str) -> None:
+    _PLAN.append(msg)
+
+
+def torch_release(version: str) -> tuple[int, ...]:
+    """``"2.11.0+cu130"`` -> ``(2, 11, 0)``."""
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def check_torch_version() -> None:
+    release = torch_release(torch.__version__)
+    if not TORCH_OLDEST <= release <= TORCH_NEWEST:
+        _log(
+            f"warning: torch {torch.__version__} is outside the supported range "
+            f"{'.'.join(map(str, TORCH_OLDEST))} to {'.'.join(map(str, TORCH_NEWEST))}; building anyway"
+        )
 
 
 def _is_toolkit_root(path: str) -> bool:
@@ -113,13 +163,23 @@ def build_extension():
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros: list[tuple[str, str | None]] = []
+    jobs = os.environ.get("MAX_JOBS") or f"{os.cpu_count()} + 2 (ninja's default; set MAX_JOBS)"
+    _plan(f"torch {torch.__version__}, Python {sys.version.split()[0]}")
     if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # The visible GPUs' capabilities (what torch would pick), or a default list without a GPU.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = visible_gpu_archs() or DEFAULT_ARCH_LIST
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += cuda_sources
         include_dirs += wheel_cuda_include_dirs()
-        arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "this GPU")
-        _log(f"building CPU + CUDA kernels ({why}; archs {arches})")
+        arches = os.environ["TORCH_CUDA_ARCH_LIST"]
+        _plan(f"building CPU + CUDA kernels ({why}; TORCH_CUDA_ARCH_LIST={arches})")
+        _plan(
+            f"compiling {len(sources) - len(cuda_sources)} C++ and {len(cuda_sources)} CUDA files, "
+            f"MAX_JOBS={jobs}: "
+            "this takes several minutes (on 2 cores ~9 minutes for 2 archs; each arch adds to every CUDA file), "
+            "and an unchanged rebuild seconds"
+        )
         define_macros.append(("FASTMLP_WITH_CUDA", "1"))
         define_macros.append(("FASTMLP_CUDA_ARCHS", f'"{arches}"'))
         return cpp_extension.CUDAExtension(
@@ -133,7 +193,8 @@ def build_extension():
             },
             extra_link_args=["-fopenmp"],
         ), cpp_extension
-    _log(f"building CPU kernels only ({why})")
+    _plan(f"building CPU kernels only ({why})")
+    _plan(f"compiling {len(sources)} C++ files, MAX_JOBS={jobs}: a few minutes, an unchanged rebuild seconds")
     return cpp_extension.CppExtension(
         "torch_fastmlp._C",
         sources,
@@ -144,9 +205,46 @@ def build_extension():
     ), cpp_extension
 
 
+def visible_gpu_archs() -> str | None:
+    """``"9.0"`` for an H200: the capabilities of the visible GPUs, ``None`` without one."""
+    try:
+        if not torch.cuda.is_available():
+            return None
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except Exception:  # noqa: BLE001 -- a broken driver: fall back to the default list
+        return None
+    return ";".join(f"{major}.{minor}" for major, minor in caps) or None
+
+
+#: Where the compiled objects stay between builds: the folder ``setup.py build_ext``
+#: uses, also for ``pip install -e`` (whose own is a temporary folder, so every
+#: editable install recompiled everything); ninja then rebuilds only what changed.
+BUILD_TEMP = os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
+def build_ext_class(cpp_extension):
+    """torch's BuildExtension, keeping the object files of editable builds in BUILD_TEMP."""
+
+    class BuildExt(cpp_extension.BuildExtension):
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                self.build_temp = BUILD_TEMP
+
+        def run(self) -> None:
+            for msg in _PLAN:
+                _log(msg)
+            _log(f"compiling into {self.build_temp} (ninja recompiles only what changed)")
+            super().run()
+            _log("build done")
+
+    return BuildExt
+
+
+check_torch_version()
 extension, cpp_extension = build_extension()
 
 setup(
     ext_modules=[extension],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": build_ext_class(cpp_extension)},
 )
