@@ -6,7 +6,16 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import functional
 from ._ops import CPU_ISA, CUDA_ARCHS, WITH_CUDA
 from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction, MLPBCEFunction, MLPFunction
-from .modules import MLP, BCEWithLogitsLoss, FusedBCEClassifier, FusedLinearReLU, Sequential, fuse
+from .modules import (
+    MLP,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    FusedBCEClassifier,
+    FusedLinearReLU,
+    MSELoss,
+    Sequential,
+    fuse,
+)
 
 __version__ = "0.1.0"
 
@@ -27,3 +36,4 @@ __all__ = [
     "functional",
     "fuse",
 ]
+__all__ += ["CrossEntropyLoss", "MSELoss"]  # issue 20
