@@ -224,9 +224,8 @@ def mse_loss(
         and _fast_path_ok(input)
         and _same_device(input, target)
     ):
-        reduction_enum = _reduction.get_enum(reduction)  # ValueError for a bad string, as torch
-        check_device(input)
-        return ops.mse_loss(input, target, reduction_enum)
+        # _fast_path_ok has checked the device has kernels
+        return ops.mse_loss(input, target, _reduction.get_enum(reduction))  # ValueError for a bad string
     return torch.nn.functional.mse_loss(input, target, reduction=reduction, weight=weight)
 
 
@@ -294,7 +293,6 @@ def cross_entropy(
     elif target.dtype is not torch.int64 or target.dim() != input.dim() - 1 or target.shape[:1] != input.shape[:-1]:
         return by_torch()
     reduction_enum = _reduction.get_enum(reduction)  # ValueError for a bad string, as torch
-    check_device(input)
     if input.dim() == 1:  # unbatched: one row
         loss = ops.cross_entropy_loss(
             input.unsqueeze(0), target.unsqueeze(0), weight, reduction_enum, ignore_index, float(label_smoothing)

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -70,17 +71,23 @@ template <typename T> FASTMLP_ALWAYS_INLINE void store_part(T* p, typename vec::
 
 template <typename V> FASTMLP_ALWAYS_INLINE V vmax(V a, V b) { return vec::select((a != a) | (a > b), a, b); }
 
-template <typename T> FASTMLP_ALWAYS_INLINE T hmax(typename vec::Lanes<T>::vec v) {
-  T m = v[0];
-  for (int i = 1; i < vec::Lanes<T>::count; ++i) m = nan_max(m, static_cast<T>(v[i]));
-  return m;
+// Horizontal max (NaN-propagating) and sum of a vector as a tree of halves
+// (upper half into the lower, repeated): log2(lanes) dependent steps instead of
+// a chain of lanes - 1, in the same order on every call.
+template <typename T, int kBytes> FASTMLP_ALWAYS_INLINE T tree_max(typename Simd<T, kBytes>::Vec v) {
+  if constexpr (Simd<T, kBytes>::kLanes == 1) {
+    return v[0];
+  } else {
+    using Half = Simd<T, kBytes / 2>;
+    typename Half::Vec lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return tree_max<T, kBytes / 2>(vmax(lo, hi));
+  }
 }
 
-template <typename T> FASTMLP_ALWAYS_INLINE T hsum(typename vec::Lanes<T>::vec v) {
-  T s = v[0];
-  for (int i = 1; i < vec::Lanes<T>::count; ++i) s += v[i];
-  return s;
-}
+template <typename T> FASTMLP_ALWAYS_INLINE T hmax(typename vec::Lanes<T>::vec v) { return tree_max<T, 64>(v); }
+template <typename T> FASTMLP_ALWAYS_INLINE T hsum(typename vec::Lanes<T>::vec v) { return Simd<T, 64>::sum(v); }
 
 }  // namespace cevec
 
@@ -329,7 +336,8 @@ struct CpuCrossEntropyKernels {
                           reduction == 0 ? loss.data_ptr<scalar_t>() : nullptr,
                           grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
       // mean over no (weight of) rows: 0 / 0 = NaN, as torch
-      if (reduction != 0) loss.fill_(static_cast<scalar_t>(reduction == 1 ? total / denom : total));
+      // (a fresh 0-D CPU tensor: written in place, no fill_ dispatch)
+      if (reduction != 0) *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(reduction == 1 ? total / denom : total);
     });
   }
 

@@ -143,7 +143,7 @@ struct CpuMseKernels {
         double total = 0;
         for (double p : partial) total += p;
         if (reduction == 1) total /= static_cast<double>(n);  // NaN for an empty input, as torch
-        loss.fill_(static_cast<scalar_t>(total));
+        *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(total);  // a fresh 0-D CPU tensor
       }
     }
   }
