@@ -110,6 +110,103 @@ template <typename T> struct CeRows {
   T* grad = nullptr;       // d loss / d x, or nullptr
 };
 
+
+// Rows of at most this many classes with class index targets run kLanes rows at
+// a time (one row per lane), through a transposed copy of the block.
+constexpr int64_t kCeBlockMaxClasses = 32;
+
+namespace cevec {
+
+// log(s) for s >= 1 (the softmax sum; NaN stays NaN): s = 2^k * u, u in [1, 2).
+FASTMLP_ALWAYS_INLINE vec::f32x16 log_ge1(vec::f32x16 s) {
+  vec::i32x16 bits;
+  std::memcpy(&bits, &s, sizeof(bits));
+  const vec::f32x16 k = __builtin_convertvector((bits >> 23) - 127, vec::f32x16);
+  bits = (bits & 0x7fffff) | 0x3f800000;
+  vec::f32x16 u;
+  std::memcpy(&u, &bits, sizeof(u));
+  const vec::f32x16 r = vec::log_1_to_2(u) + k * -2.12194440e-4f + k * 0.693359375f;
+  return vec::select(s != s, s, r);
+}
+FASTMLP_ALWAYS_INLINE vec::f64x8 log_ge1(vec::f64x8 s) {
+  vec::i64x8 bits;
+  std::memcpy(&bits, &s, sizeof(bits));
+  const vec::f64x8 k = __builtin_convertvector((bits >> 52) - 1023, vec::f64x8);
+  bits = (bits & 0xfffffffffffffLL) | 0x3ff0000000000000LL;
+  vec::f64x8 u;
+  std::memcpy(&u, &bits, sizeof(u));
+  const vec::f64x8 r = vec::log_1_to_2(u) + k * 1.90821492927058770002e-10 + k * 6.93147180369123816490e-01;
+  return vec::select(s != s, s, r);
+}
+
+}  // namespace cevec
+
+// Rows [r0, r0 + kLanes) with class index targets and at most
+// kCeBlockMaxClasses classes, one row per lane; returns the sum of their losses.
+template <typename T> FASTMLP_ALWAYS_INLINE double ce_index_block(const CeRows<T>& a, int64_t r0) {
+  using namespace vec;
+  using V = typename Lanes<T>::vec;
+  constexpr int L = Lanes<T>::count;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const int64_t C = a.classes;
+  alignas(64) T xt[kCeBlockMaxClasses * L];  // xt[c * L + j] = x[r0 + j, c]
+  alignas(64) T et[kCeBlockMaxClasses * L];  // exp(x - max), then the gradient
+  alignas(64) T lane_wt[L], lane_xt[L], lane_scale[L];
+  int64_t lane_t[L];
+  const T* x = a.x + r0 * C;
+  for (int j = 0; j < L; ++j) {
+    for (int64_t c = 0; c < C; ++c) xt[c * L + j] = x[j * C + c];
+  }
+  for (int j = 0; j < L; ++j) {
+    const int64_t t = a.target_index[r0 + j];
+    const bool ignored = t == a.ignore_index;
+    lane_t[j] = ignored ? -1 : t;
+    lane_wt[j] = ignored ? T(0) : (a.weight ? a.weight[t] : T(1));
+    lane_xt[j] = ignored ? T(0) : x[j * C + t];
+    lane_scale[j] = ignored ? T(0) : a.scale * (a.grad_rows ? a.grad_rows[r0 + j] : T(1));
+  }
+  V m = splat(-kInf);
+  for (int64_t c = 0; c < C; ++c) m = cevec::vmax(m, load(xt + c * L));
+  V sum = splat(T(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const V e = exp_nonpositive(load(xt + c * L) - m);
+    sum += e;
+    store(et + c * L, e);
+  }
+  const V lse = m + cevec::log_ge1(sum);
+  const V wt = load(lane_wt);
+  const bool smoothing = a.k.smoothing > T(0);
+  V loss = wt * (T(1) - a.k.smoothing) * (lse - load(lane_xt));
+  if (smoothing) {
+    V smooth = splat(T(0));
+    for (int64_t c = 0; c < C; ++c) smooth += (a.weight ? a.weight[c] : T(1)) * (lse - load(xt + c * L));
+    loss += smooth * a.k.smooth_per_class;
+  }
+  // ignored lanes: loss 0 (their w_t and scale are 0, but x may hold inf / NaN)
+  V ignored_mask_src{};
+  for (int j = 0; j < L; ++j) ignored_mask_src[j] = lane_t[j] < 0 ? T(1) : T(0);
+  const auto ignored = ignored_mask_src != T(0);
+  loss = select(ignored, splat(T(0)), loss);
+  if (a.loss_rows)
+    for (int j = 0; j < L; ++j) a.loss_rows[r0 + j] = loss[j];
+  if (a.grad) {
+    const V row_scale = load(lane_scale);
+    const V qsum = wt * (T(1) - a.k.smoothing) + a.k.smooth_per_class * a.k.weight_sum;
+    const V p_scale = qsum * row_scale / sum;
+    for (int64_t c = 0; c < C; ++c) {
+      const T w_c = a.weight ? a.weight[c] : T(1);
+      const V gv = load(et + c * L) * p_scale - row_scale * (a.k.smooth_per_class * w_c);
+      store(et + c * L, select(ignored, splat(T(0)), gv));  // ignored rows: exactly 0
+    }
+    T* g = a.grad + r0 * C;
+    for (int j = 0; j < L; ++j) {
+      for (int64_t c = 0; c < C; ++c) g[j * C + c] = et[c * L + j];
+      if (lane_t[j] >= 0) g[j * C + lane_t[j]] -= lane_scale[j] * (T(1) - a.k.smoothing) * lane_wt[j];
+    }
+  }
+  return static_cast<double>(Simd<T, 64>::sum(loss));
+}
+
 // Rows [rb, re): writes what `a` asks for, returns the sum of the row losses.
 template <typename T> FASTMLP_ALWAYS_INLINE double ce_rows_lanes(const CeRows<T>& a, int64_t rb, int64_t re) {
   using namespace vec;
@@ -120,7 +217,11 @@ template <typename T> FASTMLP_ALWAYS_INLINE double ce_rows_lanes(const CeRows<T>
   const bool index = a.target_index != nullptr;
   const bool smoothing = a.k.smoothing > T(0);
   double total = 0;
-  for (int64_t r = rb; r < re; ++r) {
+  int64_t r = rb;
+  if (index && C <= kCeBlockMaxClasses) {
+    for (; r + kLanes <= re; r += kLanes) total += ce_index_block(a, r);
+  }
+  for (; r < re; ++r) {
     const T* x = a.x + r * C;
     T* g = a.grad ? a.grad + r * C : nullptr;
     const int64_t t = index ? a.target_index[r] : 0;
