@@ -193,6 +193,11 @@ def binary_cross_entropy_with_logits(
 __all__ += ["cross_entropy", "mse_loss"]
 
 
+# The differentiable ops as OpOverloads (a call skips the overload lookup of ops.<name>(...)).
+_MSE_LOSS = ops.mse_loss.default
+_CROSS_ENTROPY_LOSS = ops.cross_entropy_loss.default
+
+
 def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.is_cpu and b.is_cpu) or a.device == b.device
 
@@ -225,7 +230,7 @@ def mse_loss(
         and _same_device(input, target)
     ):
         # _fast_path_ok has checked the device has kernels
-        return ops.mse_loss(input, target, _reduction.get_enum(reduction))  # ValueError for a bad string
+        return _MSE_LOSS(input, target, _reduction.get_enum(reduction))  # ValueError for a bad string
     return torch.nn.functional.mse_loss(input, target, reduction=reduction, weight=weight)
 
 
@@ -294,8 +299,8 @@ def cross_entropy(
         return by_torch()
     reduction_enum = _reduction.get_enum(reduction)  # ValueError for a bad string, as torch
     if input.dim() == 1:  # unbatched: one row
-        loss = ops.cross_entropy_loss(
+        loss = _CROSS_ENTROPY_LOSS(
             input.unsqueeze(0), target.unsqueeze(0), weight, reduction_enum, ignore_index, float(label_smoothing)
         )
         return loss.squeeze(0) if reduction_enum == 0 else loss
-    return ops.cross_entropy_loss(input, target, weight, reduction_enum, ignore_index, float(label_smoothing))
+    return _CROSS_ENTROPY_LOSS(input, target, weight, reduction_enum, ignore_index, float(label_smoothing))

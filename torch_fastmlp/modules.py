@@ -374,9 +374,8 @@ class MSELoss(nn.MSELoss):
         return nn.MSELoss(reduction=self.reduction)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if _fast_path_ok(input):
-            return F.mse_loss(input, target, reduction=self.reduction)
-        return super().forward(input, target)
+        # F.mse_loss runs torch's own function for any call the kernels do not serve
+        return F.mse_loss(input, target, reduction=self.reduction)
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -391,13 +390,12 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if _fast_path_ok(input):
-            return F.cross_entropy(
-                input,
-                target,
-                weight=self.weight,
-                ignore_index=self.ignore_index,
-                reduction=self.reduction,
-                label_smoothing=self.label_smoothing,
-            )
-        return super().forward(input, target)
+        # F.cross_entropy runs torch's own function for any call the kernels do not serve
+        return F.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
