@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
         "",
         f"- device: {meta['device']} ({meta['device_name']}), threads: {meta['threads']}",
         f"- torch {meta['torch']}, commit {meta['commit']}, {meta['date']}",
+        f"- 1-minute load average {meta['loadavg_before']:.1f} before, {meta['loadavg_after']:.1f} after "
+        f"({os.cpu_count()} CPUs): above the thread count, other work shares the cores",
         "- speedup = torch time / torch_fastmlp time (median of interleaved rounds; p25-p75 in brackets)",
         "",
         "| loss | shape | torch | torch_fastmlp | speedup |",
@@ -142,9 +145,11 @@ def main() -> None:
         "torch": torch.__version__,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "losses": list(losses),
+        "loadavg_before": os.getloadavg()[0],  # other work on the machine: the noise to expect
         **git_info(),
     }
     results = run(device, args.budget, args.rounds, losses)
+    meta["loadavg_after"] = os.getloadavg()[0]
     out = args.out or RESULTS_DIR / f"loss-{device_slug(device.type)}-{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
