@@ -113,3 +113,34 @@ TORCH_LIBRARY(fastmlp, m) {
       "mlp_bce_loss(Tensor input, Tensor target, Tensor[] weights, Tensor?[] biases, bool last_relu, "
       "Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
 }
+
+// ---- MSE and softmax cross-entropy (issue 20) ----------------------------------
+TORCH_LIBRARY_FRAGMENT(fastmlp, m) {
+  // Mean squared error of same-shape input and target. reduction: 0 none, 1 mean,
+  // 2 sum. With input_grad and a reduced loss, grad_input (d loss / d input; the
+  // target's gradient is its negative) is computed in the same pass; otherwise
+  // it is an empty tensor.
+  m.def("mse_forward(Tensor input, Tensor target, int reduction, bool input_grad) -> (Tensor loss, Tensor grad_input)");
+  // Elementwise backward: grad_output has the loss's shape (a scalar when reduced).
+  m.def(
+      "mse_backward(Tensor grad_output, Tensor input, Tensor target, int reduction, bool[2] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_target)");
+  // Softmax cross-entropy of logits input [B, C] (log-softmax and NLL in one
+  // pass) with class indices (int64 [B]) or class probabilities (input's dtype,
+  // [B, C]) as target, torch's ignore_index, class weight [C] and
+  // label_smoothing; loss [] (mean / sum) or [B] (none). With input_grad and a
+  // reduced loss, grad_input [B, C] is computed in the same pass.
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+      "float label_smoothing, bool input_grad) -> (Tensor loss, Tensor grad_input)");
+  // d loss / d input for grad_output of the loss's shape.
+  m.def(
+      "cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing) -> Tensor");
+  // Differentiable forms with their autograd in C++ (csrc/autograd/mse_loss.cpp,
+  // cross_entropy_loss.cpp): what torch_fastmlp.functional calls.
+  m.def("mse_loss(Tensor input, Tensor target, int reduction) -> Tensor");
+  m.def(
+      "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+      "float label_smoothing) -> Tensor");
+}

@@ -3,8 +3,9 @@
 ``N=64`` random inputs of ``D_in=1000`` features, ``H=100`` hidden units and
 ``D_out=10`` random targets, fitted with a sum-reduced MSE loss and plain SGD in
 a manual loop (forward, ``zero_grad``, ``backward``, ``step``), as in the
-classic PyTorch tutorial. torch_fastmlp has no MSE loss, so both models use
-``nn.MSELoss``; the fused ``Sequential`` runs the layers' forward and backward.
+classic PyTorch tutorial. The eager model uses ``nn.MSELoss(reduction="sum")``;
+the fused one ``torch_fastmlp.MSELoss(reduction="sum")`` (a one-line switch: the
+loss and its gradient in one pass) after a ``torch_fastmlp.Sequential``.
 
 Both models start from the same weights and train on the same data, one after
 the other; the script prints both losses every ``--log-every`` iterations, the
@@ -65,10 +66,10 @@ def fit(
     y: torch.Tensor,
     args: argparse.Namespace,
     watch: Stopwatch,
+    loss_fn: nn.Module,
 ) -> list[tuple[int, float]]:
-    """Run ``args.iters`` SGD steps under ``watch``; returns the logged losses."""
+    """Run ``args.iters`` SGD steps of ``loss_fn`` under ``watch``; returns the logged losses."""
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    loss_fn = nn.MSELoss(reduction="sum")
     logged = []
     with watch():
         for it in range(1, args.iters + 1):
@@ -86,10 +87,11 @@ def run(args: argparse.Namespace) -> Result:
     y = torch.randn(N, D_OUT, device=device)
     eager = build_mlp([D_IN, H, D_OUT]).to(device)
     models = {"eager": eager, "fastmlp": clone_into(eager, torch_fastmlp.Sequential)}
+    loss_fns = {"eager": nn.MSELoss(reduction="sum"), "fastmlp": torch_fastmlp.MSELoss(reduction="sum")}
     losses, sec_per_iter = {}, {}
     for name, model in models.items():
         watch = Stopwatch(device)
-        losses[name] = fit(model, x, y, args, watch)
+        losses[name] = fit(model, x, y, args, watch, loss_fns[name])
         sec_per_iter[name] = watch.seconds / args.iters
     print(f"{'iter':>6}  {'eager loss':>12}  {'fastmlp loss':>12}")
     for (it, a), (_, b) in zip(losses["eager"], losses["fastmlp"], strict=True):

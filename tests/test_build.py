@@ -124,3 +124,28 @@ def test_version() -> None:
         "functional",
         "WITH_CUDA",
     }
+
+
+# --- MSE and cross-entropy (issue 20) -------------------------------------------------
+
+LOSS_OPS = [
+    "mse_forward",
+    "mse_backward",
+    "mse_loss",
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+    "cross_entropy_loss",
+]
+
+
+def test_loss_ops_defined_with_kernels() -> None:
+    """The MSE / cross-entropy ops exist with a CPU kernel and a fake impl (and,
+    in a CUDA build, a CUDA kernel): OPS above parametrizes over them too."""
+    assert set(LOSS_OPS) <= set(OPS)
+    for op in LOSS_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmlp::{op}", "CPU"), op
+        assert torch._library.simple_registry.singleton.find(f"fastmlp::{op}").fake_impl.kernel is not None, op
+        if torch_fastmlp.WITH_CUDA:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmlp::{op}", "CUDA"), op
+    assert {"MSELoss", "CrossEntropyLoss"} <= set(torch_fastmlp.__all__)
+    assert {"mse_loss", "cross_entropy"} <= set(torch_fastmlp.functional.__all__)

@@ -808,3 +808,151 @@ def test_fused_half_storage_float_accumulation(emu: Any, dtype: torch.dtype) -> 
     acts, _ = emu.fused_forward(x, weights, biases, False, SM_COUNT, H100_SMEM_OPTIN)
     h = torch.relu(F.linear(x.double(), weights[0].double(), biases[0].double()))
     torch.testing.assert_close(acts[0].double() / h.abs().max(), h / h.abs().max(), **close)
+
+
+# ---------------------------------------------------------------- csrc/cuda/mse.cuh
+
+MSE_SHAPES = [(0,), (1,), (7,), (33, 30), (5, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MSE_SHAPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_mse_forward(emu: Any, dtype: torch.dtype, shape: tuple[int, ...], reduction: int) -> None:
+    g = gen(len(shape) + 10 * reduction)
+    x = torch.randn(shape, dtype=dtype, generator=g) * 3
+    y = torch.randn(shape, dtype=dtype, generator=g)
+    xr = x.clone().requires_grad_(True)
+    ref = F.mse_loss(xr, y, reduction=REDUCTIONS[reduction])
+    loss, grad = emu.mse_forward(x, y, reduction, True)
+    torch.testing.assert_close(loss, ref.detach(), equal_nan=True, **tol(dtype, x.numel()))
+    if reduction == 0:
+        assert grad is None
+    else:
+        (ref_grad,) = torch.autograd.grad(ref, xr) if x.numel() else (torch.zeros_like(x),)
+        torch.testing.assert_close(grad, ref_grad, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mse_forward_many_blocks(emu: Any, dtype: torch.dtype) -> None:
+    # > 256 blocks of the first pass: the finishing block loops over the partials
+    g = gen(21)
+    x, y = torch.randn(300_000, dtype=dtype, generator=g), torch.randn(300_000, dtype=dtype, generator=g)
+    for reduction in (1, 2):
+        loss, _ = emu.mse_forward(x, y, reduction, False)
+        ref = F.mse_loss(x.double(), y.double(), reduction=REDUCTIONS[reduction])
+        torch.testing.assert_close(loss, ref.to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (1,), (33, 30), (5, 1000)])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_mse_backward(emu: Any, dtype: torch.dtype, shape: tuple[int, ...], reduction: int) -> None:
+    g = gen(3 * len(shape) + reduction)
+    x, y = torch.randn(shape, dtype=dtype, generator=g), torch.randn(shape, dtype=dtype, generator=g)
+    xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    out = F.mse_loss(xr, yr, reduction=REDUCTIONS[reduction])
+    grad_out = torch.randn(out.shape, dtype=dtype, generator=gen(13))
+    ref_x, ref_y = torch.autograd.grad(out, (xr, yr), grad_out) if x.numel() else (x * 0, y * 0)
+    gx, gy = emu.mse_backward(grad_out.contiguous(), x, y, reduction, True, True)
+    torch.testing.assert_close(gx, ref_x, **tol(dtype))
+    torch.testing.assert_close(gy, ref_y, **tol(dtype))
+    none_x, only_y = emu.mse_backward(grad_out.contiguous(), x, y, reduction, False, True)
+    assert none_x is None
+    torch.testing.assert_close(only_y, ref_y, **tol(dtype))
+
+
+# ---------------------------------------------------------------- csrc/cuda/cross_entropy.cuh
+
+
+def ce_inputs(
+    rows: int, classes: int, dtype: torch.dtype, target: str, weighted: bool, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    g = gen(seed)
+    x = torch.randn(rows, classes, dtype=dtype, generator=g) * 4
+    if rows > 2 and classes > 1:
+        x[0, 0], x[1, 1] = 60.0, -60.0
+    if target == "prob":
+        t = torch.rand(rows, classes, dtype=dtype, generator=g)
+        t = t / t.sum(1, keepdim=True)
+    else:
+        t = torch.randint(0, classes, (rows,), generator=g)
+        if target == "ignored":
+            t[::3] = -100
+    w = torch.rand(classes, dtype=dtype, generator=g) + 0.5 if weighted else None
+    return x, t, w
+
+
+# 10 classes: a thread per row; 17 and 100: a warp per row (lanes stride, shuffles)
+CE_SHAPES = [(0, 10), (1, 1), (7, 10), (300, 10), (33, 17), (40, 100)]
+CE_OPTIONS = [
+    ("index", False, 0.0),
+    ("ignored", True, 0.0),
+    ("ignored", True, 0.2),
+    ("prob", False, 0.0),
+    ("prob", True, 0.3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "classes"), CE_SHAPES, ids=str)
+@pytest.mark.parametrize(("target", "weighted", "smoothing"), CE_OPTIONS, ids=str)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_cross_entropy_forward(
+    emu: Any, dtype: torch.dtype, rows: int, classes: int, target: str, weighted: bool, smoothing: float, reduction: int
+) -> None:
+    x, t, w = ce_inputs(rows, classes, dtype, target, weighted, seed=rows + classes + reduction)
+    xr = x.clone().requires_grad_(True)
+    ref = F.cross_entropy(xr, t, w, reduction=REDUCTIONS[reduction], label_smoothing=smoothing)
+    loss, grad = emu.cross_entropy(None, x, t, w, reduction, -100, smoothing, True)
+    torch.testing.assert_close(loss, ref.detach(), equal_nan=True, **tol(dtype, x.numel()))
+    if reduction == 0:
+        assert grad is None
+    else:
+        (ref_grad,) = torch.autograd.grad(ref, xr) if x.numel() else (torch.zeros_like(x),)
+        torch.testing.assert_close(grad, ref_grad, **tol(dtype, classes))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "classes"), CE_SHAPES, ids=str)
+@pytest.mark.parametrize(("target", "weighted", "smoothing"), CE_OPTIONS, ids=str)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_cross_entropy_backward(
+    emu: Any, dtype: torch.dtype, rows: int, classes: int, target: str, weighted: bool, smoothing: float, reduction: int
+) -> None:
+    x, t, w = ce_inputs(rows, classes, dtype, target, weighted, seed=2 * rows + classes + reduction)
+    xr = x.clone().requires_grad_(True)
+    out = F.cross_entropy(xr, t, w, reduction=REDUCTIONS[reduction], label_smoothing=smoothing)
+    grad_out = torch.randn(out.shape, dtype=dtype, generator=gen(5)).contiguous()
+    (ref_grad,) = torch.autograd.grad(out, xr, grad_out) if x.numel() else (torch.zeros_like(x),)
+    none, grad = emu.cross_entropy(grad_out, x, t, w, reduction, -100, smoothing, True)
+    assert none is None
+    torch.testing.assert_close(grad, ref_grad, **tol(dtype, classes))
+
+
+def test_cross_entropy_all_ignored_and_many_blocks(emu: Any) -> None:
+    x, t, w = ce_inputs(6, 4, torch.float32, "index", True, seed=1)
+    t[:] = -100
+    loss, grad = emu.cross_entropy(None, x, t, w, 1, -100, 0.1, True)
+    assert torch.isnan(loss) and torch.equal(grad, torch.zeros_like(x))
+    # > 256 blocks of 256 rows: both finishing blocks loop over their partials
+    x, t, w = ce_inputs(70_000, 2, torch.float64, "ignored", True, seed=2)
+    for reduction in (1, 2):
+        loss, _ = emu.cross_entropy(None, x, t, w, reduction, -100, 0.0, False)
+        ref = F.cross_entropy(x, t, w, reduction=REDUCTIONS[reduction])
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+
+
+def test_cross_entropy_target_out_of_bounds_traps(emu: Any) -> None:
+    x, t, _ = ce_inputs(5, 3, torch.float32, "index", False, seed=3)
+    for bad in (3, -1):
+        t[2] = bad
+        with pytest.raises(RuntimeError, match="__trap"):
+            emu.cross_entropy(None, x, t, None, 1, -100, 0.0, True)
+
+
+def test_cross_entropy_deterministic(emu: Any) -> None:
+    x, t, w = ce_inputs(600, 40, torch.float32, "ignored", True, seed=4)
+    first = emu.cross_entropy(None, x, t, w, 1, -100, 0.1, True)
+    second = emu.cross_entropy(None, x, t, w, 1, -100, 0.1, True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -294,3 +294,31 @@ def test_train_step_option_matches_eager(digits_csv: Path, capsys: pytest.Captur
     for stats in result.history:
         assert stats.loss["fastmlp"] == pytest.approx(stats.loss["eager"], rel=1e-5)
     assert result.max_param_diff < 1e-4
+
+
+# ---------------------------------------------------------------- ten-class digits (issue 20)
+
+digits_10class = importlib.import_module("digits_10class")
+
+
+def test_digits_10class_learns_and_matches_eager(capsys: pytest.CaptureFixture[str]) -> None:
+    args = digits_10class.parse_args(["--epochs", "3", "--batch-size", "64", "--label-smoothing", "0.05"])
+    result = digits_10class.run(args)
+    assert isinstance(result.models["fastmlp"], digits_10class.torch_fastmlp.Sequential)
+    for name in ("eager", "fastmlp"):
+        assert len(result.loss[name]) == len(result.val_acc[name]) == 3
+        assert result.loss[name][-1] < result.loss[name][0]  # it learns
+        assert result.val_acc[name][-1] > 0.6  # ten classes: chance is 0.1
+        assert all(s > 0 for s in result.seconds[name])
+    for a, b in zip(result.loss["eager"], result.loss["fastmlp"], strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert result.max_param_diff < 1e-4
+    out = capsys.readouterr().out
+    assert "time/epoch: eager" in out and "max |param diff|" in out
+
+
+def test_digits_10class_rejects_bad_arguments() -> None:
+    with pytest.raises(SystemExit):
+        digits_10class.parse_args(["--label-smoothing", "2"])
+    with pytest.raises(SystemExit):
+        digits_10class.parse_args(["--epochs", "0"])

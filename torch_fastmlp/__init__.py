@@ -1,12 +1,23 @@
 """torch_fastmlp: fused CPU/CUDA kernels for minibatch MLP training, as drop-in
-replacements for ``torch.nn.Sequential`` and ``torch.nn.BCEWithLogitsLoss``."""
+replacements for ``torch.nn.Sequential`` and its losses (``BCEWithLogitsLoss``,
+``MSELoss``, ``CrossEntropyLoss``), and the whole training step as one op
+(:class:`TrainStep`)."""
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import functional
 from ._ops import CPU_ISA, CUDA_ARCHS, WITH_CUDA
 from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction, MLPBCEFunction, MLPFunction
-from .modules import MLP, BCEWithLogitsLoss, FusedBCEClassifier, FusedLinearReLU, Sequential, fuse
+from .modules import (
+    MLP,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    FusedBCEClassifier,
+    FusedLinearReLU,
+    MSELoss,
+    Sequential,
+    fuse,
+)
 from .train import TrainStep
 
 __version__ = "0.1.0"
@@ -16,6 +27,7 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CPU_ISA",
     "CUDA_ARCHS",
+    "CrossEntropyLoss",
     "FusedBCEClassifier",
     "FusedLinearReLU",
     "LinearFunction",
@@ -23,6 +35,7 @@ __all__ = [
     "MLP",
     "MLPBCEFunction",
     "MLPFunction",
+    "MSELoss",
     "Sequential",
     "TrainStep",
     "WITH_CUDA",

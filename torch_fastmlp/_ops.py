@@ -207,3 +207,48 @@ def _mlp_bce_train_epoch_fake(
     rows = inputs.shape[0]
     batches = rows // batch_size if drop_last else -(-rows // batch_size)
     return (inputs.new_empty((batches,)), *_train_grads_fake(inputs, weights, weight_mask, bias_mask))
+
+
+# --- MSE and softmax cross-entropy (issue 20) ---------------------------------------
+
+
+@torch.library.register_fake("fastmlp::mse_forward")
+def _mse_fake(input, target, reduction, input_grad):
+    _same_device(input, target=target)
+    loss = input.new_empty(()) if reduction != 0 else input.new_empty(input.shape)
+    grad = input.new_empty(input.shape) if (input_grad and reduction != 0) else _empty(input)
+    return loss, grad
+
+
+@torch.library.register_fake("fastmlp::mse_backward")
+def _mse_backward_fake(grad_output, input, target, reduction, output_mask):
+    _same_device(input, grad_output=grad_output, target=target)
+    return (
+        input.new_empty(input.shape) if output_mask[0] else _empty(input),
+        input.new_empty(input.shape) if output_mask[1] else _empty(input),
+    )
+
+
+@torch.library.register_fake("fastmlp::mse_loss")
+def _mse_loss_fake(input, target, reduction):
+    return _mse_fake(input, target, reduction, False)[0]
+
+
+@torch.library.register_fake("fastmlp::cross_entropy_forward")
+def _cross_entropy_fake(input, target, weight, reduction, ignore_index, label_smoothing, input_grad):
+    _same_device(input, target=target, weight=weight)
+    torch._check(input.dim() == 2, lambda: f"fastmlp.cross_entropy: expected 2-D input, got {input.dim()}-D")
+    loss = input.new_empty(()) if reduction != 0 else input.new_empty((input.shape[0],))
+    grad = input.new_empty(input.shape) if (input_grad and reduction != 0) else _empty(input)
+    return loss, grad
+
+
+@torch.library.register_fake("fastmlp::cross_entropy_backward")
+def _cross_entropy_backward_fake(grad_output, input, target, weight, reduction, ignore_index, label_smoothing):
+    _same_device(input, grad_output=grad_output, target=target, weight=weight)
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fastmlp::cross_entropy_loss")
+def _cross_entropy_loss_fake(input, target, weight, reduction, ignore_index, label_smoothing):
+    return _cross_entropy_fake(input, target, weight, reduction, ignore_index, label_smoothing, False)[0]

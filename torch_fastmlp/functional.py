@@ -186,3 +186,121 @@ def binary_cross_entropy_with_logits(
         _pattern(pos_weight, input.shape),
         reduction_enum,
     )
+
+
+# --- MSE and softmax cross-entropy (issue 20) ---------------------------------------
+
+__all__ += ["cross_entropy", "mse_loss"]
+
+
+# The differentiable ops as OpOverloads (a call skips the overload lookup of ops.<name>(...)).
+_MSE_LOSS = ops.mse_loss.default
+_CROSS_ENTROPY_LOSS = ops.cross_entropy_loss.default
+
+
+def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.is_cpu and b.is_cpu) or a.device == b.device
+
+
+def mse_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same signature, defaults, errors and results as :func:`torch.nn.functional.mse_loss`,
+    computed by the fused kernels (the op ``fastmlp::mse_loss``: the loss and its
+    input gradient in one pass, the target's gradient is its negative; autograd in
+    C++). Calls the kernels do not serve run torch's own function: shapes that
+    differ (torch broadcasts them, with a warning), mixed dtypes or devices, a
+    per-element ``weight``, integer tensors, autocast, torch.func transforms."""
+    if size_average is not None or reduce is not None:
+        if weight is not None:
+            return torch.nn.functional.mse_loss(input, target, size_average, reduce, reduction, weight)
+        reduction = _reduction.legacy_get_string(size_average, reduce)  # warns as torch does
+    if (
+        weight is None
+        and type(input) is torch.Tensor
+        and type(target) is torch.Tensor
+        and input.dtype == target.dtype
+        and input.shape == target.shape
+        and _fast_path_ok(input)
+        and _same_device(input, target)
+    ):
+        # _fast_path_ok has checked the device has kernels
+        return _MSE_LOSS(input, target, _reduction.get_enum(reduction))  # ValueError for a bad string
+    return torch.nn.functional.mse_loss(input, target, reduction=reduction, weight=weight)
+
+
+def _ce_weight_ok(weight: object, input: torch.Tensor, classes: int) -> bool:
+    """None, or a per-class ``[C]`` weight the kernels take as it is (torch's
+    checks and messages for any other, and its gradient for one that requires grad)."""
+    if weight is None:
+        return True
+    return (
+        type(weight) is torch.Tensor
+        and weight.dim() == 1
+        and weight.shape[0] == classes
+        and weight.dtype is input.dtype
+        and _same_device(weight, input)
+        and not (weight.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Same signature, defaults, errors and results as
+    :func:`torch.nn.functional.cross_entropy`, computed by the fused kernels:
+    log-softmax and NLL (class weights, ``ignore_index``, label smoothing) and the
+    logits' gradient in one pass (the op ``fastmlp::cross_entropy_loss``, autograd
+    in C++). Served: logits ``[B, C]`` or ``[C]`` with class indices (int64
+    ``[B]`` / ``[]``) or class probabilities of the logits' shape and dtype.
+    Everything else runs torch's own function: ``[B, C, d...]`` inputs, other
+    target dtypes, probability targets that require grad, a weight that requires
+    grad or does not fit, legacy ``size_average`` / ``reduce``, autocast,
+    torch.func transforms, mixed devices."""
+
+    def by_torch() -> torch.Tensor:
+        """torch's own function: its result, type promotion and errors, exactly."""
+        return torch.nn.functional.cross_entropy(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        )
+
+    if (
+        size_average is not None
+        or reduce is not None
+        or type(input) is not torch.Tensor
+        or type(target) is not torch.Tensor
+        or not _fast_path_ok(input)
+        or input.dim() not in (1, 2)
+        or not _same_device(input, target)
+        or not isinstance(label_smoothing, float | int)
+        or not 0.0 <= label_smoothing <= 1.0
+        or type(ignore_index) is not int
+    ):
+        return by_torch()
+    classes = input.shape[-1]
+    if classes == 0 or not _ce_weight_ok(weight, input, classes):
+        return by_torch()
+    if target.shape == input.shape:  # class probabilities, as torch decides
+        if target.dtype is not input.dtype or ignore_index >= 0 or (target.requires_grad and torch.is_grad_enabled()):
+            return by_torch()
+    elif target.dtype is not torch.int64 or target.dim() != input.dim() - 1 or target.shape[:1] != input.shape[:-1]:
+        return by_torch()
+    reduction_enum = _reduction.get_enum(reduction)  # ValueError for a bad string, as torch
+    if input.dim() == 1:  # unbatched: one row
+        loss = _CROSS_ENTROPY_LOSS(
+            input.unsqueeze(0), target.unsqueeze(0), weight, reduction_enum, ignore_index, float(label_smoothing)
+        )
+        return loss.squeeze(0) if reduction_enum == 0 else loss
+    return _CROSS_ENTROPY_LOSS(input, target, weight, reduction_enum, ignore_index, float(label_smoothing))

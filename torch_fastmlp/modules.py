@@ -358,3 +358,44 @@ def fuse(module: nn.Module) -> nn.Module:
         if type(m) is nn.Sequential:
             m.__class__ = Sequential
     return module
+
+
+# --- MSE and softmax cross-entropy (issue 20) ---------------------------------------
+
+__all__ += ["CrossEntropyLoss", "MSELoss"]
+
+
+class MSELoss(nn.MSELoss):
+    """:class:`torch.nn.MSELoss` computed by the fused kernels (the loss and its
+    gradients in one pass): the same constructor, ``state_dict``, ``repr`` and results."""
+
+    def __prepare_scriptable__(self) -> nn.MSELoss:
+        """``torch.jit.script`` compiles torch's own loss."""
+        return nn.MSELoss(reduction=self.reduction)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # F.mse_loss runs torch's own function for any call the kernels do not serve
+        return F.mse_loss(input, target, reduction=self.reduction)
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """:class:`torch.nn.CrossEntropyLoss` computed by the fused kernels
+    (log-softmax, NLL and the logits' gradient in one pass): the same constructor,
+    ``weight`` buffer, ``state_dict``, ``repr`` and results."""
+
+    def __prepare_scriptable__(self) -> nn.CrossEntropyLoss:
+        """``torch.jit.script`` compiles torch's own loss with the same buffer and options."""
+        return nn.CrossEntropyLoss(
+            self.weight, ignore_index=self.ignore_index, reduction=self.reduction, label_smoothing=self.label_smoothing
+        )
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # F.cross_entropy runs torch's own function for any call the kernels do not serve
+        return F.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )

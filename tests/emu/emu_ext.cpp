@@ -499,3 +499,98 @@ TORCH_LIBRARY(fastmlp_emu_test, m) {
         &optimizer_step);
   m.def("stats() -> int[]", &stats);
 }
+
+// ---- MSE and softmax cross-entropy (csrc/cuda/mse.cuh, cross_entropy.cuh) -----
+
+#include "cuda/loss_params.h"
+
+namespace {
+
+// Returns (loss, grad_input or undefined), as fastmlp::mse_forward.
+std::tuple<at::Tensor, MaybeTensor> mse_forward(const at::Tensor& x, const at::Tensor& y, int64_t reduction,
+                                                bool want_grad) {
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes());
+  at::Tensor loss = reduction == 0 ? empty_output(x.sizes(), x.options()) : empty_output({}, x.options());
+  at::Tensor grad = want_grad && reduction != 0 ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_mse_fwd", [&] {
+    using acc = fastmlp::acc_t<scalar_t>;
+    fc::MseParams<scalar_t> p = fc::mse_params_of<scalar_t>(x, y, reduction);
+    p.loss = loss.data_ptr<scalar_t>();
+    p.grad_input = fc::loss_ptr_or_null<scalar_t>(grad);
+    at::Tensor ws = empty_output({fc::mse_workspace_elems(p.n)}, x.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    fastmlp_emu::BufferScope scope(
+        Device().in("input", x).in("target", y).out("loss", loss).out("grad_input", grad).out("workspace", ws).specs);
+    fc::launch_mse_forward(p, ws.data_ptr<acc>(), kStream);
+  });
+  return {loss, maybe(grad)};
+}
+
+std::tuple<MaybeTensor, MaybeTensor> mse_backward(const at::Tensor& grad_loss, const at::Tensor& x,
+                                                  const at::Tensor& y, int64_t reduction, bool want_input,
+                                                  bool want_target) {
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && grad_loss.is_contiguous() && x.sizes() == y.sizes());
+  at::Tensor gi = want_input ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor gt = want_target ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_mse_bwd", [&] {
+    fc::MseParams<scalar_t> p = fc::mse_params_of<scalar_t>(x, y, reduction);
+    p.grad_output = grad_loss.const_data_ptr<scalar_t>();
+    p.grad_input = fc::loss_ptr_or_null<scalar_t>(gi);
+    p.grad_target = fc::loss_ptr_or_null<scalar_t>(gt);
+    fastmlp_emu::BufferScope scope(Device()
+                                       .in("grad_output", grad_loss)
+                                       .in("input", x)
+                                       .in("target", y)
+                                       .out("grad_input", gi)
+                                       .out("grad_target", gt)
+                                       .specs);
+    fc::launch_mse_backward(p, kStream);
+  });
+  return {maybe(gi), maybe(gt)};
+}
+
+// Forward (grad_output undefined): (loss, grad_input of the reduced loss or
+// undefined); backward (grad_output given): (undefined, grad_input).
+std::tuple<MaybeTensor, MaybeTensor> cross_entropy(const std::optional<at::Tensor>& grad_output, const at::Tensor& x,
+                                                   const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                                   int64_t reduction, int64_t ignore_index, double smoothing,
+                                                   bool want_grad) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && target.is_contiguous());
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor go = grad_output.has_value() ? grad_output->contiguous() : at::Tensor();
+  const bool forward = !go.defined();
+  at::Tensor loss = forward ? (reduction == 0 ? empty_output({x.size(0)}, x.options()) : empty_output({}, x.options()))
+                            : at::Tensor();
+  at::Tensor grad = (forward ? want_grad && reduction != 0 : true) ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_cross_entropy", [&] {
+    using acc = fastmlp::acc_t<scalar_t>;
+    fc::CeParams<scalar_t> p = fc::ce_params_of<scalar_t>(x, target, w, reduction, ignore_index, smoothing);
+    p.loss = fc::loss_ptr_or_null<scalar_t>(loss);
+    p.grad_input = fc::loss_ptr_or_null<scalar_t>(grad);
+    p.grad_output = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
+    at::Tensor ws = empty_output({fc::ce_workspace_elems(p.rows, p.classes)},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    fastmlp_emu::BufferScope scope(Device()
+                                       .in("grad_output", go)
+                                       .in("input", x)
+                                       .in("target", target)
+                                       .in("weight", w)
+                                       .out("loss", loss)
+                                       .out("grad_input", grad)
+                                       .out("workspace", ws)
+                                       .specs);
+    fc::launch_cross_entropy(p, ws.data_ptr<acc>(), kStream);
+  });
+  return {maybe(loss), maybe(grad)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastmlp_emu_test, m) {
+  m.def("mse_forward(Tensor x, Tensor y, int reduction, bool want_grad) -> (Tensor, Tensor?)", &mse_forward);
+  m.def("mse_backward(Tensor grad_loss, Tensor x, Tensor y, int reduction, bool want_input, bool want_target) "
+        "-> (Tensor?, Tensor?)",
+        &mse_backward);
+  m.def("cross_entropy(Tensor? grad_output, Tensor x, Tensor target, Tensor? weight, int reduction, "
+        "int ignore_index, float smoothing, bool want_grad) -> (Tensor?, Tensor?)",
+        &cross_entropy);
+}
