@@ -210,8 +210,13 @@ refresh_out() {
     tar -czf "$DEST/logs.tar.gz.tmp" -C "$WORK" logs steps.tsv && mv "$DEST/logs.tar.gz.tmp" "$DEST/logs.tar.gz"
     local f
     for f in "$WORK"/bench-*.json "$WORK"/bench-*.md "$WORK"/*.ncu-rep; do
-        # at most 16 MiB a file comes back; a bigger one stays out (its step's log says so)
-        if [[ -f "$f" ]] && (($(stat -c %s "$f") <= 16777216)); then cp "$f" "$DEST/"; fi
+        [[ -f "$f" ]] || continue
+        # at most 16 MiB a file comes back: a bigger one stays out, and logs/left-out.log says so
+        if (($(stat -c %s "$f") <= 16777216)); then
+            cp "$f" "$DEST/"
+        elif ! grep -qs "^${f##*/} " "$LOGS/left-out.log"; then
+            echo "${f##*/} $(stat -c %s "$f") bytes: over the 16 MiB that come back from \$OUT" >>"$LOGS/left-out.log"
+        fi
     done
     "$PYTHON" -m bench.gpu_check_report summary "$WORK/steps.tsv" "$DEST/summary.md" --title "$TITLE" \
         --files "$DEST" --logs "$LOGS" >"$WORK/table.txt" 2>&1 || true
@@ -366,6 +371,7 @@ echo
 echo "=== summary: $TITLE"
 echo "=== files in $DEST: $(cd "$DEST" && ls | tr '\n' ' ')($(($(find "$DEST" -type f | wc -l))) files, total $((SECONDS - T0))s)"
 cat "$WORK/table.txt"
+if [[ -s "$LOGS/left-out.log" ]]; then sed 's/^/left out: /' "$LOGS/left-out.log"; fi
 if ! "$PYTHON" -m bench.gpu_check_report check-out "$DEST"; then
     echo "warning: $DEST breaks the lent machine's limits on what comes back (above)"
 fi

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_check_report as report
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench/ is no installed package: `pytest tests` finds it from the checkout
+    sys.path.insert(0, str(REPO))
+
+from bench import gpu_check_report as report  # noqa: E402
+
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STEPS = ["env", "build", "info", "pytest-cuda", "bench", "memcheck", "racecheck", "bench-compile", "ncu"]
 DRY_RUN_LIMIT_S = 240  # the bound for the rehearsal
