@@ -45,9 +45,6 @@ template <typename T> FASTMLP_HD MseTerms<T> mse_terms(T x, T y) {
 
 // ---- softmax cross-entropy ----------------------------------------------------
 
-// max that propagates NaN (either operand), as torch's max reduction.
-template <typename T> FASTMLP_HD T nan_max(T a, T b) { return (a != a || a > b) ? a : b; }
-
 // Running softmax statistics of part of a row: its max and sum of exp(x - max).
 // An empty part is {-inf, 0}.
 template <typename T> struct SoftmaxStats {

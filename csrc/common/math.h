@@ -23,6 +23,9 @@ FASTMLP_HD double m_log1p(double x) { return ::log1p(x); }
 FASTMLP_HD float m_abs(float x) { return ::fabsf(x); }
 FASTMLP_HD double m_abs(double x) { return ::fabs(x); }
 
+// max that propagates NaN (either operand), as torch.maximum and torch's max reduction.
+template <typename T> FASTMLP_HD T nan_max(T a, T b) { return (a != a || a > b) ? a : b; }
+
 // ReLU that keeps NaN, as torch.relu does (fmax(x, 0) would turn NaN into 0).
 template <typename T> FASTMLP_HD T relu(T x) { return x > T(0) ? x : (x != x ? x : T(0)); }
 

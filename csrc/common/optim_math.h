@@ -28,9 +28,6 @@ template <typename T> FASTMLP_HD T m_sqrt(T x);
 template <> FASTMLP_HD float m_sqrt(float x) { return ::sqrtf(x); }
 template <> FASTMLP_HD double m_sqrt(double x) { return ::sqrt(x); }
 
-// torch.maximum: NaN in either operand gives NaN.
-template <typename T> FASTMLP_HD T nan_max(T a, T b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
-
 // The scalars of one parameter's SGD update, rounded to the parameter's dtype.
 template <typename T> struct SgdScalars {
   T neg_lr;           // param.add_(grad, alpha=-lr)
