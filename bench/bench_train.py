@@ -31,7 +31,6 @@ import datetime as dt
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -44,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torch_fastmlp as fm
+from bench.bench_mlp import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -278,6 +278,14 @@ def bench_epoch(dims: list[int], batch: int, device: str, rounds: int, variants:
     return run_rounds(fns, rounds, budget_s=0.0)
 
 
+def _jax_version() -> str | None:
+    try:
+        import jax
+    except ImportError:
+        return None
+    return jax.__version__
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -323,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": args.device,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "jax": _jax_version(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "commit": git_commit(),
@@ -339,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Training step / epoch benchmark ({meta['device']}, {meta['threads']} threads)", "",
-             f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, load {meta['load_avg_1m']}.",
+             f"{meta['cpu']}, torch {meta['torch']}, jax {meta.get('jax')}, commit {meta['commit']}, {meta['date']}, "
+             f"load {meta['load_avg_1m']}.",
              "Median over rounds (min in brackets); speedup = eager median / variant median.", "",
              "| workload | phase | batch | variant | median | min | vs eager |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
