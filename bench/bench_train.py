@@ -72,10 +72,14 @@ def make_data(rows: int, dims: list[int], device: str) -> tuple[torch.Tensor, to
 # --- variants: name -> (base model, x, y) -> one-iteration callable ---------------
 
 
-def eager_step_fn(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer) -> Callable:
+def eager_step_fn(
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer
+) -> Callable:
+    """The seed loop's step: zero_grad, loss_of(x, y).backward(), opt.step()."""
+
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         opt.zero_grad()
-        loss = loss_fn(model(x), y)
+        loss = loss_of(x, y)
         loss.backward()
         opt.step()
         return loss
@@ -85,44 +89,24 @@ def eager_step_fn(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimiz
 
 def torch_variant(kind: str, base: nn.Sequential) -> Callable:
     """A step function (x, y) -> loss for one of the PyTorch variants."""
+    model = copy.deepcopy(base)
+    loss_fn = nn.BCEWithLogitsLoss()
     if kind == "eager":
-        model = copy.deepcopy(base)
-        return eager_step_fn(model, nn.BCEWithLogitsLoss(), torch.optim.Adam(model.parameters(), lr=LR))
+        return eager_step_fn(lambda x, y: loss_fn(model(x), y), torch.optim.Adam(model.parameters(), lr=LR))
     if kind == "eager-fused-adam":
-        model = copy.deepcopy(base)
-        return eager_step_fn(model, nn.BCEWithLogitsLoss(), torch.optim.Adam(model.parameters(), lr=LR, fused=True))
+        opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+        return eager_step_fn(lambda x, y: loss_fn(model(x), y), opt)
     if kind == "compile":
-        model = copy.deepcopy(base)
-        loss_fn = nn.BCEWithLogitsLoss()
-        fwd = torch.compile(lambda x, y: loss_fn(model(x), y))
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-
-        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            opt.zero_grad()
-            loss = fwd(x, y)
-            loss.backward()
-            opt.step()
-            return loss
-
-        return step
+        return eager_step_fn(
+            torch.compile(lambda x, y: loss_fn(model(x), y)), torch.optim.Adam(model.parameters(), lr=LR)
+        )
     if kind == "fused-classifier":
-        model = fm.Sequential(*copy.deepcopy(list(base)))
-        return _classifier_step(fm.FusedBCEClassifier(model), torch.optim.Adam(model.parameters(), lr=LR, fused=True))
+        fused = fm.Sequential(*list(model))
+        return eager_step_fn(fm.FusedBCEClassifier(fused), torch.optim.Adam(fused.parameters(), lr=LR, fused=True))
     if kind == "trainstep":
-        model = fm.Sequential(*copy.deepcopy(list(base)))
-        return fm.TrainStep(model, fm.BCEWithLogitsLoss(), torch.optim.Adam(model.parameters(), lr=LR))
+        fused = fm.Sequential(*list(model))
+        return fm.TrainStep(fused, fm.BCEWithLogitsLoss(), torch.optim.Adam(fused.parameters(), lr=LR))
     raise ValueError(kind)
-
-
-def _classifier_step(clf: nn.Module, opt: torch.optim.Optimizer) -> Callable:
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad()
-        loss = clf(x, y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
 
 
 def jax_step(base: nn.Sequential) -> tuple[Callable, Callable] | None:

@@ -69,8 +69,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_full_batch(tmp_path: Path) -> None:
-    ctx = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
+def run_workers(worker: object, tmp_path: Path) -> list[dict]:
+    """Runs ``worker(rank, port, out_dir)`` in WORLD spawned processes; returns what each saved."""
+    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1.0):
@@ -81,8 +82,11 @@ def test_ddp_gradients_equal_full_batch(tmp_path: Path) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+def test_ddp_gradients_equal_full_batch(tmp_path: Path) -> None:
+    results = run_workers(_worker, tmp_path)
     assert all(r["type"] == "Sequential" for r in results)
 
     # Single process, full batch, pure torch.nn.
@@ -130,20 +134,7 @@ def _train_step_worker(rank: int, port: int, out_dir: str) -> None:
 def test_train_step_under_ddp_equals_ddp(tmp_path: Path) -> None:
     """TrainStep(DDP(model)) averages the gradients over the process group as DDP
     does: both ranks end with the parameters of full-batch training."""
-    ctx = mp.start_processes(
-        _train_step_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = run_workers(_train_step_worker, tmp_path)
     ref = build_model()
     opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
     x, y = make_data()

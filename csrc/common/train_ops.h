@@ -158,4 +158,12 @@ template <class OptimKernels> struct TrainOps {
   }
 };
 
+// Registers a backend's optimizer_step, mlp_bce_train_step and mlp_bce_train_epoch.
+#define FASTMLP_REGISTER_TRAIN_OPS(m, OptimKernels)                                       \
+  do {                                                                                    \
+    (m).impl("optimizer_step", &::fastmlp::OptimOps<OptimKernels>::step);                  \
+    (m).impl("mlp_bce_train_step", &::fastmlp::TrainOps<OptimKernels>::step);              \
+    (m).impl("mlp_bce_train_epoch", &::fastmlp::TrainOps<OptimKernels>::epoch);            \
+  } while (0)
+
 }  // namespace fastmlp

@@ -149,19 +149,7 @@ struct CpuOptimKernels {
   }
 };
 
-using Optim = OptimOps<CpuOptimKernels>;
-using Train = TrainOps<CpuOptimKernels>;
-
-void optimizer_step(at::TensorList params, at::TensorList grads, at::TensorList state, int64_t optimizer,
-                    c10::ArrayRef<double> hyper, std::optional<double> max_grad_norm) {
-  Optim::step(params, grads, state, optimizer, hyper, max_grad_norm);
-}
-
 }  // namespace
 }  // namespace fastmlp::cpu
 
-TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
-  m.impl("optimizer_step", &fastmlp::cpu::optimizer_step);
-  m.impl("mlp_bce_train_step", &fastmlp::cpu::Train::step);
-  m.impl("mlp_bce_train_epoch", &fastmlp::cpu::Train::epoch);
-}
+TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { FASTMLP_REGISTER_TRAIN_OPS(m, fastmlp::cpu::CpuOptimKernels); }

@@ -57,19 +57,7 @@ struct CudaOptimKernels {
   }
 };
 
-using Optim = OptimOps<CudaOptimKernels>;
-using Train = TrainOps<CudaOptimKernels>;
-
-void optimizer_step(at::TensorList params, at::TensorList grads, at::TensorList state, int64_t optimizer,
-                    c10::ArrayRef<double> hyper, std::optional<double> max_grad_norm) {
-  Optim::step(params, grads, state, optimizer, hyper, max_grad_norm);
-}
-
 }  // namespace
 }  // namespace fastmlp::cuda
 
-TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
-  m.impl("optimizer_step", &fastmlp::cuda::optimizer_step);
-  m.impl("mlp_bce_train_step", &fastmlp::cuda::Train::step);
-  m.impl("mlp_bce_train_epoch", &fastmlp::cuda::Train::epoch);
-}
+TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) { FASTMLP_REGISTER_TRAIN_OPS(m, fastmlp::cuda::CudaOptimKernels); }

@@ -456,11 +456,6 @@ struct EmuOptimKernels {
   }
 };
 
-void optimizer_step(at::TensorList params, at::TensorList grads, at::TensorList state, int64_t optimizer,
-                    c10::ArrayRef<double> hyper, std::optional<double> max_grad_norm) {
-  fastmlp::OptimOps<EmuOptimKernels>::step(params, grads, state, optimizer, hyper, max_grad_norm);
-}
-
 // [memcheck compiled, launches, blocks, fiber switches, checked accesses]
 std::vector<int64_t> stats() {
   const auto& s = fastmlp_emu::stats();
@@ -496,7 +491,7 @@ TORCH_LIBRARY(fastmlp_emu_test, m) {
         &fused_forward);
   m.def("optimizer_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state, int optimizer, float[] hyper, "
         "float? max_grad_norm) -> ()",
-        &optimizer_step);
+        &fastmlp::OptimOps<EmuOptimKernels>::step);
   m.def("stats() -> int[]", &stats);
 }
 
