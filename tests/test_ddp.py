@@ -21,6 +21,7 @@ WORLD = 2
 BATCH = 32
 SIZES = [24, 16, 8, 1]
 TIMEOUT_S = 60.0
+EPOCH_BATCH = 4  # TrainStep.epoch's batches on each rank's shard
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -123,6 +124,7 @@ def _train_step_worker(rank: int, port: int, out_dir: str) -> None:
         losses = [float(step(x[shard], y[shard])) for _ in range(3)]
         plan = step._plan(x[shard], y[shard])
         assert plan is not None and not plan.fresh  # steps 2 and 3 ran the fused path
+        step.epoch(x[shard], y[shard], EPOCH_BATCH, shuffle=False)  # every batch all-reduced too
         grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
         params = {k: p.detach().clone() for k, p in model.named_parameters()}
         torch.save({"grads": grads, "params": params, "losses": losses}, Path(out_dir) / f"rank{rank}.pt")
@@ -138,9 +140,13 @@ def test_train_step_under_ddp_equals_ddp(tmp_path: Path) -> None:
     ref = build_model()
     opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
     x, y = make_data()
-    for _ in range(3):  # the full batch's mean loss has the average of the shards' gradients
+    shard = BATCH // WORLD
+    batches = [torch.arange(BATCH)] * 3  # three full-batch steps, then the epoch's batches:
+    for b in range(0, shard, EPOCH_BATCH):  # rows b.. of every rank's shard, averaged over ranks
+        batches.append(torch.cat([torch.arange(r * shard + b, r * shard + b + EPOCH_BATCH) for r in range(WORLD)]))
+    for rows in batches:  # the mean loss over the ranks' rows has the average of their gradients
         opt.zero_grad()
-        nn.BCEWithLogitsLoss()(ref(x), y).backward()
+        nn.BCEWithLogitsLoss()(ref(x[rows]), y[rows]).backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         opt.step()
     for r in results:

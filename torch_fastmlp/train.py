@@ -232,12 +232,10 @@ class TrainStep:
                 return torch.cat(losses)
             plan = self._plan(inputs, targets)
             if plan is None or plan.fresh:  # the first step did not make every state: step by step
-                for b in range(0, order.numel(), batch_size):
-                    idx = order[b : b + batch_size]
-                    if drop_last and idx.numel() < batch_size:
-                        break
-                    losses.append(self(inputs[idx], targets[idx]).reshape(1))
-                return torch.cat(losses)
+                return self._steps(inputs, targets, order, batch_size, drop_last, losses)
+        if self._ddp() is not None:  # every step's gradients are all-reduced: one op call per batch
+            order = order if order is not None else torch.arange(inputs.shape[0])
+            return self._steps(inputs, targets, order, batch_size, drop_last, losses)
         weight, pos_weight = self._loss_patterns(targets.shape)
         self._clear_other_grads(plan)
         if order is not None and order.device != inputs.device:
@@ -253,6 +251,15 @@ class TrainStep:
             self._mark_stepped()
         losses.append(epoch_losses)
         return torch.cat(losses) if len(losses) > 1 else epoch_losses
+
+    def _steps(self, inputs, targets, order, batch_size, drop_last, losses) -> torch.Tensor:
+        """The rest of an epoch as one step call per batch of ``order``, after ``losses``."""
+        for b in range(0, order.numel(), batch_size):
+            idx = order[b : b + batch_size]
+            if drop_last and idx.numel() < batch_size:
+                break
+            losses.append(self(inputs[idx], targets[idx]).reshape(1))
+        return torch.cat(losses) if losses else inputs.new_empty((0,))
 
     def _dataloader_epoch(self, inputs, targets, batch_size, shuffle, generator, drop_last) -> torch.Tensor:
         """The epoch as written with a DataLoader (anything the fused loop does not serve)."""
