@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -49,12 +51,21 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+@contextmanager
+def process_group(rank: int, port: int) -> Iterator[None]:
+    """This spawned worker's gloo process group (one thread), destroyed on the way out."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    with process_group(rank, port):
         model = torch_fastmlp.fuse(build_model())
         ddp = nn.parallel.DistributedDataParallel(model)
         x, y = make_data()
@@ -66,8 +77,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         params = {k: p.detach().clone() for k, p in model.named_parameters()}
         torch.save({"grads": grads, "params": params, "type": type(model).__name__}, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def run_workers(worker: object, tmp_path: Path) -> list[dict]:
@@ -110,11 +119,7 @@ def test_ddp_gradients_equal_full_batch(tmp_path: Path) -> None:
 
 def _train_step_worker(rank: int, port: int, out_dir: str) -> None:
     """TrainStep on a DDP model: three Adam steps on this rank's shard."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
-    try:
+    with process_group(rank, port):
         model = torch_fastmlp.fuse(build_model())
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -129,8 +134,6 @@ def _train_step_worker(rank: int, port: int, out_dir: str) -> None:
         params = {k: p.detach().clone() for k, p in model.named_parameters()}
         torch.save({"grads": grads, "params": params, "losses": losses}, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_train_step_under_ddp_equals_ddp(tmp_path: Path) -> None:
