@@ -73,6 +73,17 @@ TORCH_LIBRARY(fastmlp, m) {
       "Tensor? weight, Tensor? pos_weight, int reduction, bool input_grad, bool[] weight_mask, bool[] bias_mask) "
       "-> (Tensor loss, Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
 
+  // mlp_bce_step generalised to a loss kind: 0 BCE with logits (weight and
+  // pos_weight: BCE's), 1 MSE (no weights; target [B, N_out]), 2 softmax
+  // cross-entropy (weight: class weights [N_out]; target int64 class indices
+  // [B] or probabilities [B, N_out]; ignore_index and label_smoothing as
+  // torch's). ignore_index and label_smoothing are read for cross-entropy only.
+  m.def(
+      "mlp_loss_step(Tensor input, Tensor target, Tensor[] weights, Tensor?[] biases, bool last_relu, int loss, "
+      "Tensor? weight, Tensor? pos_weight, int reduction, int ignore_index, float label_smoothing, bool input_grad, "
+      "bool[] weight_mask, bool[] bias_mask) "
+      "-> (Tensor loss, Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
+
   // Training (torch_fastmlp.TrainStep). Parameters are updated in place, with
   // torch.optim's own state tensors. The trainable parameters are listed in
   // layer order, weight then bias; `state` holds per trainable parameter
@@ -84,21 +95,22 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def(
       "optimizer_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state, int optimizer, float[] hyper, "
       "float? max_grad_norm) -> ()");
-  // A whole training step: mlp_bce_step's gradients, clipping, the update.
+  // A whole training step: mlp_loss_step's gradients, clipping, the update.
   // Returns the loss and the gradients (empty where a mask is off).
   m.def(
-      "mlp_bce_train_step(Tensor input, Tensor target, Tensor(a!)[] weights, Tensor(b!)?[] biases, bool last_relu, "
-      "Tensor? weight, Tensor? pos_weight, int reduction, bool[] weight_mask, bool[] bias_mask, Tensor(c!)[] state, "
-      "int optimizer, float[] hyper, float? max_grad_norm) -> (Tensor loss, Tensor[] grad_weights, "
-      "Tensor[] grad_biases)");
+      "mlp_train_step(Tensor input, Tensor target, Tensor(a!)[] weights, Tensor(b!)?[] biases, bool last_relu, "
+      "int loss, Tensor? weight, Tensor? pos_weight, int reduction, int ignore_index, float label_smoothing, "
+      "bool[] weight_mask, bool[] bias_mask, Tensor(c!)[] state, int optimizer, float[] hyper, "
+      "float? max_grad_norm) -> (Tensor loss, Tensor[] grad_weights, Tensor[] grad_biases)");
   // A whole epoch of training steps: the rows of inputs / targets in batches of
   // batch_size in the order of `order` (a permutation, or None), the last batch
   // short unless drop_last. Returns each batch's loss and the last gradients.
   m.def(
-      "mlp_bce_train_epoch(Tensor inputs, Tensor targets, Tensor? order, int batch_size, bool drop_last, "
-      "Tensor(a!)[] weights, Tensor(b!)?[] biases, bool last_relu, Tensor? weight, Tensor? pos_weight, "
-      "int reduction, bool[] weight_mask, bool[] bias_mask, Tensor(c!)[] state, int optimizer, float[] hyper, "
-      "float? max_grad_norm) -> (Tensor losses, Tensor[] grad_weights, Tensor[] grad_biases)");
+      "mlp_train_epoch(Tensor inputs, Tensor targets, Tensor? order, int batch_size, bool drop_last, "
+      "Tensor(a!)[] weights, Tensor(b!)?[] biases, bool last_relu, int loss, Tensor? weight, Tensor? pos_weight, "
+      "int reduction, int ignore_index, float label_smoothing, bool[] weight_mask, bool[] bias_mask, "
+      "Tensor(c!)[] state, int optimizer, float[] hyper, float? max_grad_norm) "
+      "-> (Tensor losses, Tensor[] grad_weights, Tensor[] grad_biases)");
 
   // Differentiable ops with their autograd in C++ (csrc/autograd/): what the
   // modules call, so a small batch pays one op call forward and no Python in

@@ -405,9 +405,9 @@ def test_op_registered_and_opcheck() -> None:
     step(x, y)  # makes the state
     plan = step._plan(x, y)
     assert plan is not None and not plan.fresh
-    args = (x, y, plan.weights, plan.biases, False, None, None, 1, plan.weight_mask, plan.bias_mask, plan.state,
-            plan.kind, plan.hyper, None)  # fmt: skip
-    torch.library.opcheck(torch.ops.fastmlp.mlp_bce_train_step.default, args,
+    args = (x, y, plan.weights, plan.biases, False, 0, None, None, 1, -100, 0.0, plan.weight_mask, plan.bias_mask,
+            plan.state, plan.kind, plan.hyper, None)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastmlp.mlp_train_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
 
 
@@ -425,9 +425,9 @@ def test_update_and_epoch_ops_opcheck() -> None:
         (plan.trainable, grads, plan.state, plan.kind, plan.hyper, 1.0),
         test_utils=utils,
     )
-    args = (x, y, torch.randperm(9), 4, False, plan.weights, plan.biases, False, None, None, 1, plan.weight_mask,
-            plan.bias_mask, plan.state, plan.kind, plan.hyper, None)  # fmt: skip
-    torch.library.opcheck(torch.ops.fastmlp.mlp_bce_train_epoch.default, args, test_utils=utils)
+    args = (x, y, torch.randperm(9), 4, False, plan.weights, plan.biases, False, 0, None, None, 1, -100, 0.0,
+            plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, None)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastmlp.mlp_train_epoch.default, args, test_utils=utils)
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -131,6 +131,28 @@ def _mlp_bce_step_fake(
     return input.new_empty(()), grad_input, grad_weights, grad_biases
 
 
+@torch.library.register_fake("fastmlp::mlp_loss_step")
+def _mlp_loss_step_fake(
+    input,
+    target,
+    weights,
+    biases,
+    last_relu,
+    loss,
+    weight,
+    pos_weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    input_grad,
+    weight_mask,
+    bias_mask,
+):
+    return _mlp_bce_step_fake(
+        input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad, weight_mask, bias_mask
+    )
+
+
 @torch.library.register_fake("fastmlp::mlp_bce_loss")
 def _mlp_bce_loss_fake(input, target, weights, biases, last_relu, weight, pos_weight, reduction):
     _same_device(input, target=target, weights=weights, biases=biases, weight=weight, pos_weight=pos_weight)
@@ -162,16 +184,19 @@ def _train_grads_fake(like, weights, weight_mask, bias_mask):
     return grad_weights, grad_biases
 
 
-@torch.library.register_fake("fastmlp::mlp_bce_train_step")
-def _mlp_bce_train_step_fake(
+@torch.library.register_fake("fastmlp::mlp_train_step")
+def _mlp_train_step_fake(
     input,
     target,
     weights,
     biases,
     last_relu,
+    loss,
     weight,
     pos_weight,
     reduction,
+    ignore_index,
+    label_smoothing,
     weight_mask,
     bias_mask,
     state,
@@ -183,8 +208,8 @@ def _mlp_bce_train_step_fake(
     return (input.new_empty(()), *_train_grads_fake(input, weights, weight_mask, bias_mask))
 
 
-@torch.library.register_fake("fastmlp::mlp_bce_train_epoch")
-def _mlp_bce_train_epoch_fake(
+@torch.library.register_fake("fastmlp::mlp_train_epoch")
+def _mlp_train_epoch_fake(
     inputs,
     targets,
     order,
@@ -193,9 +218,12 @@ def _mlp_bce_train_epoch_fake(
     weights,
     biases,
     last_relu,
+    loss,
     weight,
     pos_weight,
     reduction,
+    ignore_index,
+    label_smoothing,
     weight_mask,
     bias_mask,
     state,

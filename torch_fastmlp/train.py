@@ -8,7 +8,7 @@
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)  # when given
     optimizer.step()
 
-does, as one call of ``fastmlp::mlp_bce_train_step``: forward, loss, every
+does, as one call of ``fastmlp::mlp_train_step``: forward, loss, every
 gradient, clipping and the optimizer's update, with no autograd graph and no
 Python between the phases. The optimizer's state stays in ``optimizer.state``
 in torch's own tensors, so ``state_dict()``, checkpoints, LR schedulers and
@@ -26,12 +26,29 @@ from torch import nn
 
 from . import functional as F
 from ._ops import ops
-from .modules import BCEWithLogitsLoss, _cached_plan, _Chain, _chain_fusable, _has_hooks, _same_dtype_device
+from .modules import (
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    MSELoss,
+    _cached_plan,
+    _Chain,
+    _chain_fusable,
+    _has_hooks,
+    _same_dtype_device,
+)
 
 __all__ = ["TrainStep"]
 
 _SGD, _ADAM = 0, 1
-_BCE_TYPES = (nn.BCEWithLogitsLoss, BCEWithLogitsLoss)
+_BCE, _MSE, _CROSS_ENTROPY = 0, 1, 2  # mlp_loss_step's loss kinds
+_LOSS_KINDS = {
+    nn.BCEWithLogitsLoss: _BCE,
+    BCEWithLogitsLoss: _BCE,
+    nn.MSELoss: _MSE,
+    MSELoss: _MSE,
+    nn.CrossEntropyLoss: _CROSS_ENTROPY,
+    CrossEntropyLoss: _CROSS_ENTROPY,
+}
 _REDUCTIONS = {"mean": 1, "sum": 2}
 _CUDA_MAX_PARAMS = 24  # parameters one launch of the CUDA update takes (kOptimMaxSlots in cuda/optim.cuh)
 
@@ -87,7 +104,8 @@ class _Plan:
     """What one fused step needs, read from the model, loss and optimizer."""
 
     __slots__ = (
-        "chain", "weights", "biases", "weight_mask", "bias_mask", "trainable", "state", "hyper", "kind", "fresh"
+        "chain", "weights", "biases", "weight_mask", "bias_mask", "trainable", "state", "hyper", "kind", "fresh",
+        "loss",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -101,6 +119,7 @@ class _Plan:
         self.hyper: list[float] = []
         self.kind = _SGD
         self.fresh = False  # some optimizer state is not made yet: the eager step makes it
+        self.loss = _BCE
 
 
 class TrainStep:
@@ -112,8 +131,11 @@ class TrainStep:
             :class:`torch_fastmlp.MLP` that is one Linear(+ReLU) chain, or a
             ``DistributedDataParallel`` around one (gradients are averaged over
             its process group with one all-reduce, as DDP does).
-        loss_fn: ``nn.BCEWithLogitsLoss`` or :class:`torch_fastmlp.BCEWithLogitsLoss`
-            (``weight``, ``pos_weight``, reduction ``"mean"`` or ``"sum"``).
+        loss_fn: ``nn.BCEWithLogitsLoss`` / :class:`torch_fastmlp.BCEWithLogitsLoss`
+            (``weight``, ``pos_weight``), ``nn.MSELoss`` / :class:`torch_fastmlp.MSELoss`,
+            or ``nn.CrossEntropyLoss`` / :class:`torch_fastmlp.CrossEntropyLoss`
+            (``weight``, ``ignore_index``, ``label_smoothing``; class index or
+            probability targets), with reduction ``"mean"`` or ``"sum"``.
         optimizer: ``torch.optim.SGD`` (momentum, dampening, nesterov,
             weight_decay, maximize), ``Adam`` or ``AdamW`` (betas, eps,
             weight_decay, amsgrad, maximize), any number of parameter groups.
@@ -154,26 +176,28 @@ class TrainStep:
         if plan is None or plan.fresh:
             return self.eager_step(input, target)
         x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
-        y = target if target.dim() == 2 else target.reshape(x.shape[0], -1)
-        loss_fn = self.loss_fn
-        weight, pos_weight = self._loss_patterns(target.shape)
-        reduction = _REDUCTIONS[loss_fn.reduction]
+        y = target if target.dim() == 2 or plan.loss == _CROSS_ENTROPY else target.reshape(x.shape[0], -1)
+        loss_args = self._loss_args(plan.loss, target.shape)
         self._clear_other_grads(plan)
         ddp = self._ddp()
         with torch.no_grad():
-            if ddp is None:
-                loss, grad_w, grad_b = ops.mlp_bce_train_step(
-                    x, y, plan.weights, plan.biases, plan.chain.last_relu, weight, pos_weight, reduction,
-                    plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, self.max_grad_norm,
-                )  # fmt: skip
-                grads = self._set_grads(plan, grad_w, grad_b)
-            else:
-                loss, _, grad_w, grad_b = ops.mlp_bce_step(
-                    x, y, plan.weights, plan.biases, plan.chain.last_relu, weight, pos_weight, reduction, False,
-                    plan.weight_mask, plan.bias_mask,
-                )  # fmt: skip
-                grads = self._set_grads(plan, *self._all_reduce(ddp, grad_w, grad_b, plan))
-                ops.optimizer_step(plan.trainable, grads, plan.state, plan.kind, plan.hyper, self.max_grad_norm)
+            try:
+                if ddp is None:
+                    loss, grad_w, grad_b = ops.mlp_train_step(
+                        x, y, plan.weights, plan.biases, plan.chain.last_relu, *loss_args,
+                        plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, self.max_grad_norm,
+                    )  # fmt: skip
+                    grads = self._set_grads(plan, grad_w, grad_b)
+                else:
+                    loss, _, grad_w, grad_b = ops.mlp_loss_step(
+                        x, y, plan.weights, plan.biases, plan.chain.last_relu, *loss_args, False,
+                        plan.weight_mask, plan.bias_mask,
+                    )  # fmt: skip
+                    grads = self._set_grads(plan, *self._all_reduce(ddp, grad_w, grad_b, plan))
+                    ops.optimizer_step(plan.trainable, grads, plan.state, plan.kind, plan.hyper, self.max_grad_norm)
+            except BaseException:
+                self._failed()
+                raise
         self._mark_stepped()
         return loss
 
@@ -213,7 +237,7 @@ class TrainStep:
             and isinstance(inputs, torch.Tensor)
             and isinstance(targets, torch.Tensor)
             and inputs.dim() == 2
-            and targets.dim() == 2
+            and 1 <= targets.dim() <= 2
             and 0 < inputs.shape[0] == targets.shape[0]
         ):
             plan = self._plan(inputs, targets)
@@ -236,16 +260,20 @@ class TrainStep:
         if self._ddp() is not None:  # every step's gradients are all-reduced: one op call per batch
             order = order if order is not None else torch.arange(inputs.shape[0])
             return self._steps(inputs, targets, order, batch_size, drop_last, losses)
-        weight, pos_weight = self._loss_patterns(targets.shape)
+        loss_args = self._loss_args(plan.loss, targets.shape)
         self._clear_other_grads(plan)
         if order is not None and order.device != inputs.device:
             order = order.to(inputs.device)
         with torch.no_grad():
-            epoch_losses, grad_w, grad_b = ops.mlp_bce_train_epoch(
-                inputs, targets, order, batch_size, drop_last, plan.weights, plan.biases, plan.chain.last_relu,
-                weight, pos_weight, _REDUCTIONS[self.loss_fn.reduction], plan.weight_mask, plan.bias_mask,
-                plan.state, plan.kind, plan.hyper, self.max_grad_norm,
-            )  # fmt: skip
+            try:
+                epoch_losses, grad_w, grad_b = ops.mlp_train_epoch(
+                    inputs, targets, order, batch_size, drop_last, plan.weights, plan.biases, plan.chain.last_relu,
+                    *loss_args, plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper,
+                    self.max_grad_norm,
+                )  # fmt: skip
+            except BaseException:
+                self._failed()
+                raise
         if epoch_losses.numel() > 0:
             self._set_grads(plan, grad_w, grad_b)
             self._mark_stepped()
@@ -315,7 +343,10 @@ class TrainStep:
             return None
         chain = modules[0]
         params = _chain_fusable(chain, input)
-        if params is None or not self._loss_fusable(input, target, chain):
+        if params is None:
+            return None
+        loss_kind = self._loss_kind(input, target, chain)
+        if loss_kind is None:
             return None
         if input.numel() == 0 or not (input.dtype is torch.float32 or input.dtype is torch.float64):  # type: ignore[union-attr]
             return None
@@ -332,6 +363,7 @@ class TrainStep:
         plan = _Plan()
         plan.chain = chain
         plan.kind = kind
+        plan.loss = loss_kind
         plan.weights, plan.biases = params
         if not self._plan_params(plan):
             return None
@@ -349,23 +381,61 @@ class TrainStep:
             return False
         return torch._C._dispatch_has_kernel_for_dispatch_key("fastmlp::optimizer_step", "CUDA")
 
-    def _loss_fusable(self, input: Any, target: object, chain: _Chain) -> bool:
+    def _loss_kind(self, input: Any, target: object, chain: _Chain) -> int | None:
+        """The loss kind of mlp_loss_step for ``loss_fn(model(input), target)``, or
+        None where torch's loss must run (other losses or options, a target that
+        broadcasts, requires grad or has another dtype, hooks)."""
         loss_fn = self.loss_fn
-        if type(loss_fn) not in _BCE_TYPES or loss_fn.reduction not in _REDUCTIONS or _has_hooks((loss_fn,)):
-            return False
-        if not isinstance(target, torch.Tensor) or target.requires_grad or not _same_dtype_device(target, input):
-            return False
-        if tuple(target.shape) != (*input.shape[:-1], chain.linears[-1].out_features):
-            return False
-        buffers = loss_fn._buffers
-        for buf in (buffers.get("weight"), buffers.get("pos_weight")):
+        kind = _LOSS_KINDS.get(type(loss_fn))
+        if kind is None or loss_fn.reduction not in _REDUCTIONS or _has_hooks((loss_fn,)):
+            return None
+        if not isinstance(target, torch.Tensor) or target.requires_grad:
+            return None
+        out_shape = (*input.shape[:-1], chain.linears[-1].out_features)
+        weight = loss_fn._buffers.get("weight")
+        if kind == _CROSS_ENTROPY:
+            # [B, C] logits only ([B, C, d...] has its classes in another dim); class
+            # indices [B] or probabilities [B, C]
+            smoothing = loss_fn.label_smoothing
+            if input.dim() != 2 or not (_is_number(smoothing) and 0.0 <= smoothing <= 1.0):
+                return None
+            if not (type(loss_fn.ignore_index) is int and -(2**63) <= loss_fn.ignore_index < 2**63):
+                return None
+            if target.dtype is torch.int64:
+                if target.device != input.device or tuple(target.shape) != out_shape[:1]:
+                    return None
+            elif not (_same_dtype_device(target, input) and tuple(target.shape) == out_shape):
+                return None
+            return kind if weight is None or (
+                _same_dtype_device(weight, input) and tuple(weight.shape) == out_shape[1:]
+            ) else None  # fmt: skip
+        if not _same_dtype_device(target, input) or tuple(target.shape) != out_shape:
+            return None
+        if kind == _MSE:
+            return kind
+        for buf in (weight, loss_fn._buffers.get("pos_weight")):
             if buf is not None and not (_same_dtype_device(buf, input) and F._broadcasts_to(buf, target.shape)):
-                return False
-        return True
+                return None
+        return kind
 
-    def _loss_patterns(self, target_shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        buffers = self.loss_fn._buffers
-        return F._pattern(buffers.get("weight"), target_shape), F._pattern(buffers.get("pos_weight"), target_shape)
+    def _loss_args(self, kind: int, target_shape: torch.Size) -> tuple[Any, ...]:
+        """mlp_loss_step's loss arguments: (loss, weight, pos_weight, reduction,
+        ignore_index, label_smoothing)."""
+        loss_fn = self.loss_fn
+        reduction = _REDUCTIONS[loss_fn.reduction]
+        if kind == _BCE:
+            buffers = loss_fn._buffers
+            weight, pos_weight = buffers.get("weight"), buffers.get("pos_weight")
+            return (kind, F._pattern(weight, target_shape), F._pattern(pos_weight, target_shape), reduction, -100, 0.0)
+        if kind == _MSE:
+            return (kind, None, None, reduction, -100, 0.0)
+        return (kind, loss_fn.weight, None, reduction, loss_fn.ignore_index, float(loss_fn.label_smoothing))
+
+    def _failed(self) -> None:
+        """After an op raised (e.g. a class index out of range): the gradients as
+        the eager lines leave them, cleared by their ``zero_grad()``. The step op
+        raises before it writes a parameter; the epoch op after the batches before."""
+        self.optimizer.zero_grad()
 
     def _plan_params(self, plan: _Plan) -> bool:
         """Masks, optimizer state and hyper-parameters for the trainable parameters

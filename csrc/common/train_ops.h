@@ -1,9 +1,9 @@
-// fastmlp::mlp_bce_train_step and fastmlp::mlp_bce_train_epoch for every
-// backend: a whole training step (the chain forward, the BCE loss, every
-// gradient, clipping, the optimizer update) as one op, and a whole epoch of
-// such steps over minibatches drawn through a permutation, with no Python
-// between the phases or the batches. The gradients come from the backend's
-// fastmlp::mlp_bce_step, the update from OptimOps<Kernels>.
+// fastmlp::mlp_train_step and fastmlp::mlp_train_epoch for every backend: a
+// whole training step (the chain forward, the loss, every gradient, clipping,
+// the optimizer update) as one op, and a whole epoch of such steps over
+// minibatches drawn through a permutation, with no Python between the phases
+// or the batches. The gradients come from the backend's fastmlp::mlp_loss_step,
+// the update from OptimOps<Kernels>.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -12,41 +12,56 @@
 #include <tuple>
 #include <vector>
 
+#include "common/mlp_loss_ops.h"
 #include "common/optim_ops.h"
 
 namespace fastmlp {
 
 using TrainStepResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
-// The gradients of a step: fastmlp::mlp_bce_step through the dispatcher, so
+// The gradients of a step: fastmlp::mlp_loss_step through the dispatcher, so
 // each backend's own kernel (row partials, tiles, the fused CUDA chain) runs.
-inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bce_step_gradients(
-    const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
-    const c10::List<std::optional<at::Tensor>>& biases, bool last_relu, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& pos_weight, int64_t reduction, const c10::List<bool>& weight_mask,
-    const c10::List<bool>& bias_mask) {
+inline LossStepResult step_gradients(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                                     const c10::List<std::optional<at::Tensor>>& biases, bool last_relu,
+                                     const StepLossArgs& loss, const c10::List<bool>& weight_mask,
+                                     const c10::List<bool>& bias_mask) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastmlp::mlp_bce_step", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
-              const at::Tensor&, const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
-              bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool,
-              const c10::List<bool>&, const c10::List<bool>&)>();
-  return op.call(input, target, weights, biases, last_relu, weight, pos_weight, reduction, false, weight_mask,
-                 bias_mask);
+          .findSchemaOrThrow("fastmlp::mlp_loss_step", "")
+          .typed<LossStepResult(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                const c10::List<std::optional<at::Tensor>>&, bool, int64_t,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                                double, bool, const c10::List<bool>&, const c10::List<bool>&)>();
+  return op.call(input, target, weights, biases, last_relu, loss.kind, loss.weight, loss.pos_weight, loss.reduction,
+                 loss.ignore_index, loss.label_smoothing, false, weight_mask, bias_mask);
+}
+
+inline StepLossArgs step_loss_args(int64_t loss, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                   int64_t ignore_index, double label_smoothing) {
+  StepLossArgs args;
+  args.kind = loss;
+  args.weight = weight;
+  args.pos_weight = pos_weight;
+  args.reduction = reduction;
+  args.ignore_index = ignore_index;
+  args.label_smoothing = label_smoothing;
+  return args;
 }
 
 template <class OptimKernels> struct TrainOps {
   static TrainStepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
-                              const c10::List<std::optional<at::Tensor>>& biases, bool last_relu,
+                              const c10::List<std::optional<at::Tensor>>& biases, bool last_relu, int64_t loss_kind,
                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                              int64_t reduction, const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask,
+                              int64_t reduction, int64_t ignore_index, double label_smoothing,
+                              const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask,
                               at::TensorList state, int64_t optimizer, c10::ArrayRef<double> hyper,
                               std::optional<double> max_grad_norm) {
     check_masks(weights, biases, weight_mask, bias_mask);
     BelowAutograd below_autograd;
-    auto [loss, grad_input, grad_w, grad_b] = bce_step_gradients(input, target, weights, biases, last_relu, weight,
-                                                                 pos_weight, reduction, weight_mask, bias_mask);
+    const StepLossArgs args = step_loss_args(loss_kind, weight, pos_weight, reduction, ignore_index, label_smoothing);
+    auto [loss, grad_input, grad_w, grad_b] =
+        step_gradients(input, target, weights, biases, last_relu, args, weight_mask, bias_mask);
     update(weights, biases, weight_mask, bias_mask, grad_w, grad_b, state, optimizer, hyper, max_grad_norm);
     return {loss, grad_w, grad_b};
   }
@@ -57,28 +72,30 @@ template <class OptimKernels> struct TrainOps {
   static TrainStepResult epoch(const at::Tensor& inputs, const at::Tensor& targets,
                                const std::optional<at::Tensor>& order, int64_t batch_size, bool drop_last,
                                at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-                               bool last_relu, const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-                               const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask,
+                               bool last_relu, int64_t loss_kind, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& pos_weight, int64_t reduction, int64_t ignore_index,
+                               double label_smoothing, const c10::List<bool>& weight_mask,
+                               const c10::List<bool>& bias_mask,
                                at::TensorList state, int64_t optimizer, c10::ArrayRef<double> hyper,
                                std::optional<double> max_grad_norm) {
-    TORCH_CHECK(batch_size > 0, "fastmlp.mlp_bce_train_epoch: batch_size should be a positive integer value, but got ",
+    TORCH_CHECK(batch_size > 0, "fastmlp.mlp_train_epoch: batch_size should be a positive integer value, but got ",
                 "batch_size=", batch_size);
-    TORCH_CHECK(inputs.dim() == 2 && targets.dim() == 2 && inputs.size(0) == targets.size(0),
-                "fastmlp.mlp_bce_train_epoch: expected 2-D inputs and targets with the same number of rows, got ",
-                inputs.sizes(), " and ", targets.sizes());
+    TORCH_CHECK(inputs.dim() == 2 && (targets.dim() == 1 || targets.dim() == 2) && inputs.size(0) == targets.size(0),
+                "fastmlp.mlp_train_epoch: expected 2-D inputs and 1-D or 2-D targets with the same number of rows, ",
+                "got ", inputs.sizes(), " and ", targets.sizes());
     const bool shuffled = order.has_value() && order->defined();
     at::Tensor perm;
     if (shuffled) {
       TORCH_CHECK(order->dim() == 1 && order->scalar_type() == at::kLong,
-                  "fastmlp.mlp_bce_train_epoch: order must be a 1-D int64 tensor of row indices, got ",
+                  "fastmlp.mlp_train_epoch: order must be a 1-D int64 tensor of row indices, got ",
                   order->sizes(), " ", order->scalar_type());
-      TORCH_CHECK(order->device() == inputs.device(), "fastmlp.mlp_bce_train_epoch: order must be on ",
+      TORCH_CHECK(order->device() == inputs.device(), "fastmlp.mlp_train_epoch: order must be on ",
                   inputs.device(), ", got ", order->device());
       perm = order->contiguous();
     }
     check_masks(weights, biases, weight_mask, bias_mask);
     BelowAutograd below_autograd;
+    const StepLossArgs args = step_loss_args(loss_kind, weight, pos_weight, reduction, ignore_index, label_smoothing);
     const int64_t rows = shuffled ? perm.size(0) : inputs.size(0);  // rows visited, in batches
     const int64_t batches = drop_last ? rows / batch_size : (rows + batch_size - 1) / batch_size;
     std::vector<at::Tensor> losses;
@@ -90,7 +107,9 @@ template <class OptimKernels> struct TrainOps {
     if (shuffled && batches > 0) {
       const int64_t buf_rows = std::min(batch_size, rows);
       x_buf = at::empty({buf_rows, inputs.size(1)}, inputs.options());
-      y_buf = at::empty({buf_rows, targets.size(1)}, targets.options());
+      std::vector<int64_t> y_rows(targets.sizes().begin(), targets.sizes().end());
+      y_rows[0] = buf_rows;
+      y_buf = at::empty(y_rows, targets.options());
     }
     for (int64_t b = 0; b < batches; ++b) {
       const int64_t start = b * batch_size, len = std::min(batch_size, rows - start);
@@ -105,8 +124,7 @@ template <class OptimKernels> struct TrainOps {
         x = inputs.narrow(0, start, len);
         y = targets.narrow(0, start, len);
       }
-      auto [loss, grad_input, gw, gb] = bce_step_gradients(x, y, weights, biases, last_relu, weight, pos_weight,
-                                                           reduction, weight_mask, bias_mask);
+      auto [loss, grad_input, gw, gb] = step_gradients(x, y, weights, biases, last_relu, args, weight_mask, bias_mask);
       update(weights, biases, weight_mask, bias_mask, gw, gb, state, optimizer, hyper, max_grad_norm);
       losses.push_back(loss);
       grad_w = std::move(gw);
@@ -128,12 +146,12 @@ template <class OptimKernels> struct TrainOps {
                           const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
     TORCH_CHECK(biases.size() == weights.size() && weight_mask.size() == weights.size() &&
                     bias_mask.size() == weights.size(),
-                "fastmlp.mlp_bce_train_step: expected one bias, weight_mask and bias_mask entry per layer (",
+                "fastmlp.mlp_train_step: expected one bias, weight_mask and bias_mask entry per layer (",
                 weights.size(), "), got ", biases.size(), ", ", weight_mask.size(), " and ", bias_mask.size());
     for (size_t l = 0; l < weights.size(); ++l) {
       const std::optional<at::Tensor> b = biases.get(l);
       TORCH_CHECK(!bias_mask.get(l) || (b.has_value() && b->defined()),
-                  "fastmlp.mlp_bce_train_step: bias_mask[", l, "] is set but layer ", l, " has no bias");
+                  "fastmlp.mlp_train_step: bias_mask[", l, "] is set but layer ", l, " has no bias");
     }
   }
 
@@ -158,12 +176,12 @@ template <class OptimKernels> struct TrainOps {
   }
 };
 
-// Registers a backend's optimizer_step, mlp_bce_train_step and mlp_bce_train_epoch.
+// Registers a backend's optimizer_step, mlp_train_step and mlp_train_epoch.
 #define FASTMLP_REGISTER_TRAIN_OPS(m, OptimKernels)                                       \
   do {                                                                                    \
     (m).impl("optimizer_step", &::fastmlp::OptimOps<OptimKernels>::step);                  \
-    (m).impl("mlp_bce_train_step", &::fastmlp::TrainOps<OptimKernels>::step);              \
-    (m).impl("mlp_bce_train_epoch", &::fastmlp::TrainOps<OptimKernels>::epoch);            \
+    (m).impl("mlp_train_step", &::fastmlp::TrainOps<OptimKernels>::step);                  \
+    (m).impl("mlp_train_epoch", &::fastmlp::TrainOps<OptimKernels>::epoch);                \
   } while (0)
 
 }  // namespace fastmlp

@@ -341,7 +341,12 @@ struct CpuCrossEntropyKernels {
   template <typename scalar_t>
   static double denominator(const at::Tensor& x, const at::Tensor& target, const at::Tensor& weight,
                             int64_t ignore_index) {
-    const int64_t rows = x.size(0), classes = x.size(1);
+    return denominator<scalar_t>(x.size(0), x.size(1), target, weight, ignore_index);
+  }
+
+  template <typename scalar_t>
+  static double denominator(int64_t rows, int64_t classes, const at::Tensor& target, const at::Tensor& weight,
+                            int64_t ignore_index) {
     if (!ce_index_target(target)) return static_cast<double>(rows);
     const int64_t* t = target.const_data_ptr<int64_t>();
     const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;

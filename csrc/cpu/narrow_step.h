@@ -22,7 +22,6 @@
 
 #include "common/layer_ops.h"  // or_empty
 #include "common/math.h"
-#include "cpu/bce_backend.h"
 #include "cpu/narrow_gemm.h"
 #include "cpu/simd.h"
 
@@ -236,20 +235,15 @@ double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scrat
   return total;
 }
 
-// The loss side of the step: target [B, N_out] contiguous, the loss weight
-// patterns (repeating along each row), the logits gradient's scale.
-template <typename T> struct StepLoss {
-  const T* target = nullptr;
-  VecPattern<T> weight, pos_weight;
-  T grad_scale = T(1);  // 1 / (B * N_out) for a mean, else 1
-};
-
-// The whole step; returns the loss sum (before a mean's scaling).
-template <typename T>
-double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, const std::vector<T*>& grad_w,
+// The whole step; returns the sum of what loss_rows returns.
+// loss_rows(logits, r0, rows, grad) -> double: the loss of rows [r0, r0 + rows)
+// from their logits ([rows, N_out], contiguous), writing d loss / d logits at grad
+// in the same pass (a partial's rows only: any batch-wide scale is the caller's).
+template <typename T, typename LossRows>
+double narrow_step(const NarrowChain<T>& c, const LossRows& loss_rows, const std::vector<T*>& grad_w,
                    const std::vector<T*>& grad_b) {
   const size_t L = c.layers.size();
-  const int64_t widest = c.widest(), n_out = c.layers.back().N;
+  const int64_t widest = c.widest();
   int64_t macs_per_row = 0, outputs = 0;
   for (const auto& layer : c.layers) {
     macs_per_row += 2 * layer.N * layer.K;  // forward and weight gradient
@@ -282,11 +276,7 @@ double narrow_step(const NarrowChain<T>& c, const StepLoss<T>& loss, const std::
       in = out[l];
       ld = layer.N;
     }
-    // Loss and logits gradient in one pass; the weights repeat per row, so
-    // they are indexed within these rows.
-    const double sum = bce_forward_vec(static_cast<const T*>(out[L - 1]), loss.target + r0 * n_out, loss.weight,
-                                       loss.pos_weight, static_cast<T*>(nullptr), g, loss.grad_scale, int64_t(0),
-                                       rows * n_out);
+    const double sum = loss_rows(static_cast<const T*>(out[L - 1]), r0, rows, g);
     narrow_backward_rows(c, r0, rows, out.data(), g, g + rows * widest, gw, gb);
     return sum;
   };

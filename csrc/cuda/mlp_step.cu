@@ -1,35 +1,38 @@
-// CUDA kernel of fastmlp::mlp_bce_step (the whole training step's math).
+// CUDA kernels of fastmlp::mlp_bce_step and fastmlp::mlp_loss_step (the whole
+// training step's math).
 //
-// A narrow chain (cuda/fused_chain.cuh: at most kChainMaxLayers layers, each at
-// most kChainMaxWidth wide) runs as one fused kernel plus a deterministic
-// reduction of the per-block gradients; anything else composes the per-layer
-// GEMMs and the BCE kernel.
+// BCE on a narrow chain (cuda/fused_chain.cuh: at most kChainMaxLayers layers,
+// each at most kChainMaxWidth wide) runs as one fused kernel plus a
+// deterministic reduction of the per-block gradients; anything else (the MSE
+// and cross-entropy losses included) composes the per-layer GEMMs and the
+// loss's kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
-#include "common/mlp_bce_ops.h"
+#include "common/mlp_loss_ops.h"
 #include "cuda/bce_backend.cuh"
 #include "cuda/kernel_params.h"
 #include "cuda/layer_backend.cuh"
+#include "cuda/loss_backend.cuh"
 
 namespace fastmlp::cuda {
 namespace {
 
-using Generic = MlpBceOps<CudaKernels, CudaBceKernels>;
-using StepResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+using Generic = MlpLossOps<CudaKernels, CudaBceKernels, CudaMseKernels, CudaCrossEntropyKernels>;
+using StepResult = LossStepResult;
 
-StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
-                const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
-                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
-                int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
-                const c10::List<bool>& bias_mask) {
+StepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                     const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu, const StepLossArgs& loss,
+                     bool input_grad, const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
   check_mlp_args(input, weights, biases);
-  if (!fused_chain_shape(input, weights)) {
-    return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
-                         weight_mask, bias_mask);
+  if (loss.kind != kStepLossBce || !fused_chain_shape(input, weights)) {
+    return Generic::step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
   }
-  check_step_reduction(reduction);
+  check_step_loss(loss, input, target, input.size(0), weights.back().size(0));
+  const c10::optional<at::Tensor>& weight = loss.weight;
+  const c10::optional<at::Tensor>& pos_weight = loss.pos_weight;
+  const int64_t reduction = loss.reduction;
   const size_t layers = weights.size();
   TORCH_CHECK(weight_mask.size() == layers && bias_mask.size() == layers,
               "fastmlp.mlp_bce_step: expected one weight_mask and bias_mask entry per layer (", layers, "), got ",
@@ -66,13 +69,28 @@ StepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorLis
     launch_fused_step(p, plan, workspace.data_ptr<acc>(), at::cuda::getCurrentCUDAStream());
   });
   if (!fused) {
-    return Generic::step(input, target, weights, biases, last_relu, weight, pos_weight, reduction, input_grad,
-                         weight_mask, bias_mask);
+    return Generic::step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
   }
   return result;
+}
+
+// fastmlp::mlp_bce_step: the BCE case.
+StepResult bce_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                    const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
+                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                    int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
+                    const c10::List<bool>& bias_mask) {
+  StepLossArgs loss;
+  loss.weight = weight;
+  loss.pos_weight = pos_weight;
+  loss.reduction = reduction;
+  return loss_step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
 }
 
 }  // namespace
 }  // namespace fastmlp::cuda
 
-TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) { m.impl("mlp_bce_step", &fastmlp::cuda::step); }
+TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
+  m.impl("mlp_bce_step", &fastmlp::cuda::bce_step);
+  m.impl("mlp_loss_step", &fastmlp::mlp_loss_step<&fastmlp::cuda::loss_step>);
+}
