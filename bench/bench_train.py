@@ -4,8 +4,14 @@ optax are installed) a jitted JAX/optax step.
 
 Run from the repository root::
 
-    python -m bench.bench_train                                # CPU, 784-30-1 and 1000-100-10
+    python -m bench.bench_train                                # CPU, the default workloads
     python -m bench.bench_train --phases train --batch-sizes 64,2048
+    python -m bench.bench_train --workloads 1000-100-10:mse-sgd,1000-100-10:ce-adam
+
+A workload is ``widths[:loss-optimizer]``: loss ``bce`` (BCEWithLogitsLoss, the
+default), ``mse`` (MSELoss(reduction="sum"), the study notes' sum of squares)
+or ``ce`` (CrossEntropyLoss over class indices); optimizer ``adam`` (the
+default, lr 1e-3) or ``sgd`` (lr 1e-6 for a sum, as the notes' two-layer net).
 
 Phases:
 
@@ -48,8 +54,17 @@ from bench.bench_mlp import cpu_model
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 EPOCH_ROWS = 12396
-WORKLOADS = {"784-30-1": ("bce", "adam"), "1000-100-10": ("bce", "adam")}
-LR = 1e-3
+DEFAULT_WORKLOADS = "784-30-1,1000-100-10,1000-100-10:mse-sgd,1000-100-10:ce-adam"
+LR = {"adam": 1e-3, "sgd": 1e-6}
+
+
+def parse_workload(name: str) -> tuple[list[int], str, str]:
+    """``"1000-100-10:mse-sgd"`` -> ([1000, 100, 10], "mse", "sgd")."""
+    widths, _, rest = name.partition(":")
+    loss, _, opt = (rest or "bce-adam").partition("-")
+    if loss not in ("bce", "mse", "ce") or opt not in ("adam", "sgd"):
+        raise ValueError(f"workload {name!r}: expected widths[:{{bce,mse,ce}}-{{adam,sgd}}]")
+    return [int(d) for d in widths.split("-")], loss, opt
 
 
 def make_model(dims: list[int], seed: int = 0) -> nn.Sequential:
@@ -62,11 +77,31 @@ def make_model(dims: list[int], seed: int = 0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_data(rows: int, dims: list[int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(rows: int, dims: list[int], device: str, loss: str = "bce") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(123)
     x = torch.randn(rows, dims[0], generator=g)
-    y = torch.randint(0, 2, (rows, dims[-1]), generator=g).float()
+    if loss == "bce":
+        y = torch.randint(0, 2, (rows, dims[-1]), generator=g).float()
+    elif loss == "mse":
+        y = torch.randn(rows, dims[-1], generator=g)
+    else:
+        y = torch.randint(0, dims[-1], (rows,), generator=g)
     return x.to(device), y.to(device)
+
+
+def torch_loss(loss: str, fused: bool = False) -> nn.Module:
+    lib = fm if fused else nn
+    if loss == "bce":
+        return lib.BCEWithLogitsLoss()
+    if loss == "mse":
+        return lib.MSELoss(reduction="sum")
+    return lib.CrossEntropyLoss()
+
+
+def torch_optimizer(opt: str, params, fused: bool = False) -> torch.optim.Optimizer:
+    if opt == "adam":
+        return torch.optim.Adam(params, lr=LR["adam"], fused=fused or None)
+    return torch.optim.SGD(params, lr=LR["sgd"])
 
 
 # --- variants: name -> (base model, x, y) -> one-iteration callable ---------------
@@ -87,30 +122,33 @@ def eager_step_fn(
     return step
 
 
-def torch_variant(kind: str, base: nn.Sequential) -> Callable:
-    """A step function (x, y) -> loss for one of the PyTorch variants."""
+def torch_variant(kind: str, base: nn.Sequential, loss: str = "bce", opt: str = "adam") -> Callable | None:
+    """A step function (x, y) -> loss for one of the PyTorch variants, or None
+    where the variant does not apply (FusedBCEClassifier is BCE only; fused Adam
+    is Adam only)."""
     model = copy.deepcopy(base)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = torch_loss(loss)
     if kind == "eager":
-        return eager_step_fn(lambda x, y: loss_fn(model(x), y), torch.optim.Adam(model.parameters(), lr=LR))
+        return eager_step_fn(lambda x, y: loss_fn(model(x), y), torch_optimizer(opt, model.parameters()))
     if kind == "eager-fused-adam":
-        opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
-        return eager_step_fn(lambda x, y: loss_fn(model(x), y), opt)
+        if opt != "adam":
+            return None
+        return eager_step_fn(lambda x, y: loss_fn(model(x), y), torch_optimizer(opt, model.parameters(), fused=True))
     if kind == "compile":
-        return eager_step_fn(
-            torch.compile(lambda x, y: loss_fn(model(x), y)), torch.optim.Adam(model.parameters(), lr=LR)
-        )
+        return eager_step_fn(torch.compile(lambda x, y: loss_fn(model(x), y)), torch_optimizer(opt, model.parameters()))
     if kind == "fused-classifier":
+        if loss != "bce" or opt != "adam":
+            return None
         fused = fm.Sequential(*list(model))
-        return eager_step_fn(fm.FusedBCEClassifier(fused), torch.optim.Adam(fused.parameters(), lr=LR, fused=True))
+        return eager_step_fn(fm.FusedBCEClassifier(fused), torch_optimizer(opt, fused.parameters(), fused=True))
     if kind == "trainstep":
         fused = fm.Sequential(*list(model))
-        return fm.TrainStep(fused, fm.BCEWithLogitsLoss(), torch.optim.Adam(fused.parameters(), lr=LR))
+        return fm.TrainStep(fused, torch_loss(loss, fused=True), torch_optimizer(opt, fused.parameters()))
     raise ValueError(kind)
 
 
-def jax_step(base: nn.Sequential) -> tuple[Callable, Callable] | None:
-    """A jitted JAX/optax Adam step from the same weights, and an epoch loop; None without jax."""
+def jax_step(base: nn.Sequential, loss: str = "bce", opt: str = "adam") -> tuple[Callable, Callable] | None:
+    """A jitted JAX/optax step from the same weights, and an epoch loop; None without jax."""
     try:
         import jax
         import jax.numpy as jnp
@@ -127,9 +165,13 @@ def jax_step(base: nn.Sequential) -> tuple[Callable, Callable] | None:
             h = h @ w.T + b
             if i < len(params) - 1:
                 h = jax.nn.relu(h)
-        return optax.sigmoid_binary_cross_entropy(h, y).mean()
+        if loss == "bce":
+            return optax.sigmoid_binary_cross_entropy(h, y).mean()
+        if loss == "mse":
+            return jnp.sum((h - y) ** 2)
+        return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
 
-    tx = optax.adam(LR)
+    tx = optax.adam(LR["adam"]) if opt == "adam" else optax.sgd(LR["sgd"])
     state = {"params": params, "opt": tx.init(params)}
 
     @jax.jit
@@ -197,9 +239,11 @@ def cycling(batches: list[Any], step: Callable[[Any, Any], Any]) -> Callable[[],
     return run
 
 
-def bench_train(dims: list[int], batch: int, device: str, rounds: int, budget: float, variants: list[str]):
+def bench_train(
+    dims: list[int], loss: str, opt: str, batch: int, device: str, rounds: int, budget: float, variants: list[str]
+):
     base = make_model(dims).to(device)
-    x, y = make_data(max(batch, EPOCH_ROWS), dims, device)
+    x, y = make_data(max(batch, EPOCH_ROWS), dims, device, loss)
     pool = [
         (x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(max(1, EPOCH_ROWS // batch))
     ]
@@ -208,7 +252,7 @@ def bench_train(dims: list[int], batch: int, device: str, rounds: int, budget: f
         if v == "jax":
             if device != "cpu":
                 continue
-            js = jax_step(base.cpu())
+            js = jax_step(base.cpu(), loss, opt)
             if js is None:
                 continue
             import jax.numpy as jnp
@@ -216,7 +260,9 @@ def bench_train(dims: list[int], batch: int, device: str, rounds: int, budget: f
             jpool = [(jnp.asarray(a.cpu().numpy()), jnp.asarray(b.cpu().numpy())) for a, b in pool]
             fns[v] = cycling(jpool, js[0])
         else:
-            fns[v] = cycling(pool, torch_variant(v, base))
+            step = torch_variant(v, base, loss, opt)
+            if step is not None:
+                fns[v] = cycling(pool, step)
     if device == "cuda":
         fns = {k: _synced(f) for k, f in fns.items()}
     return run_rounds(fns, rounds, budget)
@@ -231,13 +277,13 @@ def _synced(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def bench_epoch(dims: list[int], batch: int, device: str, rounds: int, variants: list[str]):
+def bench_epoch(dims: list[int], loss: str, opt: str, batch: int, device: str, rounds: int, variants: list[str]):
     base = make_model(dims).to(device)
-    x, y = make_data(EPOCH_ROWS, dims, device)
+    x, y = make_data(EPOCH_ROWS, dims, device, loss)
     fns: dict[str, Callable[[], Any]] = {}
     for v in variants:
         if v == "jax":
-            js = jax_step(base.cpu()) if device == "cpu" else None
+            js = jax_step(base.cpu(), loss, opt) if device == "cpu" else None
             if js is None:
                 continue
             # NumPy rows gathered per batch, as a NumPy data pipeline feeds a jitted step
@@ -245,11 +291,13 @@ def bench_epoch(dims: list[int], batch: int, device: str, rounds: int, variants:
             nx, ny = x.cpu().numpy(), y.cpu().numpy()
             fns[v] = lambda js=js, nx=nx, ny=ny: js[1](nx, ny, batch)
         elif v == "trainstep":
-            ts = torch_variant("trainstep", base)
+            ts = torch_variant("trainstep", base, loss, opt)
             gen = torch.Generator().manual_seed(0)
             fns[v] = lambda ts=ts, gen=gen: ts.epoch(x, y, batch, shuffle=True, generator=gen)
         elif v in ("eager", "fused-classifier", "eager-fused-adam"):
-            step = torch_variant(v, base)
+            step = torch_variant(v, base, loss, opt)
+            if step is None:
+                continue
             loader = DataLoader(TensorDataset(x, y), batch, shuffle=True, generator=torch.Generator().manual_seed(0))
 
             def run(step=step, loader=loader) -> None:
@@ -282,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--workloads", default="784-30-1,1000-100-10")
+    p.add_argument("--workloads", default=DEFAULT_WORKLOADS)
     p.add_argument("--phases", default="train,epoch")
     p.add_argument("--batch-sizes", default="64,256,2048,12396")
     p.add_argument("--epoch-batch-sizes", default="64,256,2048")
@@ -297,14 +345,14 @@ def main(argv: list[str] | None = None) -> None:
     variants = [v for v in args.variants.split(",") if v]
     rows: list[dict[str, Any]] = []
     for wl, phase in itertools.product(args.workloads.split(","), args.phases.split(",")):
-        dims = [int(d) for d in wl.split("-")]
+        dims, loss, opt = parse_workload(wl)
         batches = args.batch_sizes if phase == "train" else args.epoch_batch_sizes
         for batch in (int(b) for b in batches.split(",")):
             vs = [v for v in variants if phase == "train" or v != "compile"]
             if phase == "train":
-                times = bench_train(dims, batch, args.device, args.rounds, args.budget, vs)
+                times = bench_train(dims, loss, opt, batch, args.device, args.rounds, args.budget, vs)
             else:
-                times = bench_epoch(dims, batch, args.device, args.rounds, vs)
+                times = bench_epoch(dims, loss, opt, batch, args.device, args.rounds, vs)
             eager = statistics.median(times["eager"])
             for v, ts in times.items():
                 med = statistics.median(ts)

@@ -1,12 +1,16 @@
 """Ten-class digits: ``nn.Sequential`` + ``nn.CrossEntropyLoss`` against
-``torch_fastmlp.Sequential`` + ``torch_fastmlp.CrossEntropyLoss``.
+``torch_fastmlp.Sequential`` + ``torch_fastmlp.CrossEntropyLoss``, in the manual
+loop and through ``torch_fastmlp.TrainStep``.
 
 scikit-learn's 8x8 digits (all ten classes, 1797 images, no download), an MLP
 ``64 -> hidden -> hidden -> 10`` with a softmax cross-entropy head, trained with
-Adam on shuffled minibatches. Both models start from the same weights and take
-the same minibatches in the same order (one step of each per batch); every epoch
-prints both models' training loss, validation accuracy and time, and the end
-prints the largest parameter difference between them.
+Adam on shuffled minibatches. Three models start from the same weights and take
+the same minibatches in the same order (one step of each per batch): ``eager``
+and ``fastmlp`` in the manual loop (forward, ``zero_grad``, ``backward``,
+``step``), ``trainstep`` as one ``TrainStep`` call per batch (forward, loss,
+backward and the Adam update in one op). Every epoch prints the models'
+training loss, validation accuracy and time, and the end prints the largest
+parameter difference from eager.
 
     python examples/digits_10class.py [--epochs 20] [--batch-size 64] [--label-smoothing 0.1]
 """
@@ -39,7 +43,8 @@ CLASSES = 10
 
 @dataclass
 class Result:
-    """Per-epoch training loss, validation accuracy and seconds, per model."""
+    """Per-epoch training loss, validation accuracy and seconds, per model; the
+    largest parameter difference of the fused models from eager."""
 
     loss: dict[str, list[float]]
     val_acc: dict[str, list[float]]
@@ -95,27 +100,37 @@ def run(args: argparse.Namespace) -> Result:
     x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
     torch.manual_seed(args.seed)
     eager = build_mlp([x.shape[1], args.hidden, args.hidden, CLASSES]).to(device)
-    models = {"eager": eager, "fastmlp": clone_into(eager, torch_fastmlp.Sequential)}
+    models = {
+        "eager": eager,
+        "fastmlp": clone_into(eager, torch_fastmlp.Sequential),
+        "trainstep": clone_into(eager, torch_fastmlp.Sequential),
+    }
     loss_fns = {
         "eager": nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
         "fastmlp": torch_fastmlp.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+        "trainstep": torch_fastmlp.CrossEntropyLoss(label_smoothing=args.label_smoothing),
     }
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=args.lr) for name, m in models.items()}
+    fused_step = torch_fastmlp.TrainStep(models["trainstep"], loss_fns["trainstep"], optimizers["trainstep"])
     loader = make_loader(x_train, y_train, args.batch_size, torch.Generator().manual_seed(args.seed))
     result = Result({n: [] for n in models}, {n: [] for n in models}, {n: [] for n in models}, 0.0, models)
     print(
         f"{'epoch':>5}  {'eager loss':>10}  {'fused loss':>10}  {'eager acc':>9}  {'fused acc':>9}  "
-        f"{'eager ms':>8}  {'fused ms':>8}"
+        f"{'eager ms':>8}  {'fused ms':>8}  {'step ms':>8}"
     )
     for epoch in range(1, args.epochs + 1):
         watches = {name: Stopwatch(device) for name in models}
-        totals = dict.fromkeys(models, 0.0)
+        totals = {name: torch.zeros((), device=device) for name in models}
         batches = 0
-        for xb, yb in loader:  # the same batch for both models
+        for xb, yb in loader:  # the same batch for every model
             for name, model in models.items():
                 with watches[name]():
-                    totals[name] += train_step(model, optimizers[name], loss_fns[name], xb, yb)
+                    if name == "trainstep":
+                        totals[name] += fused_step(xb, yb)  # one op; no host sync per batch
+                    else:
+                        totals[name] += train_step(model, optimizers[name], loss_fns[name], xb, yb)
             batches += 1
+        totals = {name: float(total) for name, total in totals.items()}
         for name, model in models.items():
             result.loss[name].append(totals[name] / max(batches, 1))
             result.val_acc[name].append(class_accuracy(model, x_val, y_val))
@@ -123,15 +138,19 @@ def run(args: argparse.Namespace) -> Result:
         print(
             f"{epoch:>5}  {result.loss['eager'][-1]:>10.4f}  {result.loss['fastmlp'][-1]:>10.4f}  "
             f"{result.val_acc['eager'][-1]:>9.3f}  {result.val_acc['fastmlp'][-1]:>9.3f}  "
-            f"{1e3 * result.seconds['eager'][-1]:>8.1f}  {1e3 * result.seconds['fastmlp'][-1]:>8.1f}"
+            f"{1e3 * result.seconds['eager'][-1]:>8.1f}  {1e3 * result.seconds['fastmlp'][-1]:>8.1f}  "
+            f"{1e3 * result.seconds['trainstep'][-1]:>8.1f}"
         )
-    eager_s, fused_s = sum(result.seconds["eager"]), sum(result.seconds["fastmlp"])
+    eager_s, fused_s, step_s = (sum(result.seconds[name]) for name in models)
     print(
         f"time/epoch: eager {1e3 * eager_s / args.epochs:.1f} ms, fastmlp {1e3 * fused_s / args.epochs:.1f} ms "
-        f"(speedup {eager_s / fused_s:.2f}x)"
+        f"(speedup {eager_s / fused_s:.2f}x), trainstep {1e3 * step_s / args.epochs:.1f} ms "
+        f"(speedup {eager_s / step_s:.2f}x)"
     )
-    result.max_param_diff = max_param_diff(eager, models["fastmlp"])
-    print(f"max |param diff| eager vs fastmlp: {result.max_param_diff:.3g}")
+    diffs = {name: max_param_diff(eager, models[name]) for name in ("fastmlp", "trainstep")}
+    for name, diff in diffs.items():
+        print(f"max |param diff| eager vs {name}: {diff:.3g}")
+    result.max_param_diff = max(diffs.values())
     return result
 
 

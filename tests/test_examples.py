@@ -251,14 +251,18 @@ def test_progress_falls_back_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> No
 def test_two_layer_net_matches_eager(capsys: pytest.CaptureFixture[str]) -> None:
     args = two_layer_net.parse_args(["--iters", "30", "--log-every", "10"])
     result = two_layer_net.run(args)
-    eager, fast = result.losses["eager"], result.losses["fastmlp"]
-    assert [it for it, _ in fast] == [it for it, _ in eager] == [10, 20, 30]
-    assert fast[-1][1] < 0.5 * fast[0][1]  # it learns
-    for (_, a), (_, b) in zip(eager, fast, strict=True):
-        assert b == pytest.approx(a, rel=1e-4)
+    eager = result.losses["eager"]
+    for name in ("fastmlp", "trainstep"):
+        fast = result.losses[name]
+        assert [it for it, _ in fast] == [it for it, _ in eager] == [10, 20, 30]
+        assert fast[-1][1] < 0.5 * fast[0][1]  # it learns
+        for (_, a), (_, b) in zip(eager, fast, strict=True):
+            assert b == pytest.approx(a, rel=1e-4)
     assert result.max_param_diff < 1e-4
+    assert set(result.sec_per_iter) == {"eager", "fastmlp", "trainstep"}
     assert all(s > 0 for s in result.sec_per_iter.values())
-    assert "time/iter: eager" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "time/iter: eager" in out and "max |param diff| eager vs trainstep" in out
 
 
 def test_transfer_learning_freezes_and_learns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -305,16 +309,17 @@ def test_digits_10class_learns_and_matches_eager(capsys: pytest.CaptureFixture[s
     args = digits_10class.parse_args(["--epochs", "3", "--batch-size", "64", "--label-smoothing", "0.05"])
     result = digits_10class.run(args)
     assert isinstance(result.models["fastmlp"], digits_10class.torch_fastmlp.Sequential)
-    for name in ("eager", "fastmlp"):
+    for name in ("eager", "fastmlp", "trainstep"):
         assert len(result.loss[name]) == len(result.val_acc[name]) == 3
         assert result.loss[name][-1] < result.loss[name][0]  # it learns
         assert result.val_acc[name][-1] > 0.6  # ten classes: chance is 0.1
         assert all(s > 0 for s in result.seconds[name])
-    for a, b in zip(result.loss["eager"], result.loss["fastmlp"], strict=True):
-        assert b == pytest.approx(a, rel=1e-4)
+    for name in ("fastmlp", "trainstep"):
+        for a, b in zip(result.loss["eager"], result.loss[name], strict=True):
+            assert b == pytest.approx(a, rel=1e-4)
     assert result.max_param_diff < 1e-4
     out = capsys.readouterr().out
-    assert "time/epoch: eager" in out and "max |param diff|" in out
+    assert "time/epoch: eager" in out and "max |param diff| eager vs trainstep" in out
 
 
 def test_digits_10class_rejects_bad_arguments() -> None:
