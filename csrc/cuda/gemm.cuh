@@ -45,6 +45,13 @@ constexpr int kThreadsX = 16, kThreadsY = 16;  // each thread computes a 4 x 4 m
 constexpr int kThreads = kThreadsX * kThreadsY;
 constexpr int kMicro = 4;
 
+// Output tiles along M, and of the whole output: one block each (grid.x); an
+// empty N still gets a column of tiles for the row sums.
+FASTMLP_HD int64_t gemm_m_tiles(int64_t M) { return (M + kTileM - 1) / kTileM; }
+FASTMLP_HD int64_t gemm_grid_tiles(int64_t M, int64_t N) {
+  return gemm_m_tiles(M) * (((N > 0 ? N : 1) + kTileN - 1) / kTileN);
+}
+
 // Stage one operand tile into shared memory, tile[k][i] for i along M (or N).
 // The walk order follows the operand's unit stride so global loads coalesce.
 template <typename scalar_t, typename acc, int kTileI>
@@ -76,12 +83,16 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams<scalar_t> p, 
 
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * kThreadsX + tx;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
+  // The output tiles on grid.x (up to 2^31 - 1 of them), M-tiles fastest: grid.y
+  // would cap the N-tiles at 65535 (N <= 4,194,240).
+  const int64_t m_tiles = gemm_m_tiles(p.M);
+  const int64_t tile = blockIdx.x;
+  const int64_t m0 = (tile % m_tiles) * kTileM;
+  const int64_t n0 = (tile / m_tiles) * kTileN;
   const int split = blockIdx.z;
   const int64_t k_begin = split * p.k_chunk;
   const int64_t k_end = k_begin + p.k_chunk < p.K ? k_begin + p.k_chunk : p.K;
-  const bool want_rowsum = p.a_rowsum != nullptr && blockIdx.y == 0;
+  const bool want_rowsum = p.a_rowsum != nullptr && n0 == 0;
   const Strided<scalar_t> no_mask;
 
   acc sum[kMicro][kMicro];
@@ -199,8 +210,7 @@ void launch_gemm(const GemmParams<scalar_t>& p, acc_t<scalar_t>* workspace, cuda
     // Nothing to compute except row sums over an empty K... or an empty M.
     if (p.M == 0 || p.a_rowsum == nullptr) return;
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kTileM)),
-                  static_cast<unsigned>(ceil_div(p.N > 0 ? p.N : 1, kTileN)), static_cast<unsigned>(p.splits));
+  const dim3 grid(static_cast<unsigned>(gemm_grid_tiles(p.M, p.N)), 1, static_cast<unsigned>(p.splits));
   launch_kernel(gemm_kernel<scalar_t>, grid, dim3(kThreadsX, kThreadsY), 0, stream, p, workspace);
   if (p.splits > 1) {
     const int64_t total = p.M * p.N + (p.a_rowsum ? p.M : 0);
