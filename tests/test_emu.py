@@ -28,6 +28,7 @@ The build is cached in tests/emu/build (ninja rebuilds when a header changes).
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 import signal
@@ -477,6 +478,76 @@ def test_gemm_mask_nan_passes_gradient(emu: Any) -> None:
     gx, _, _ = run_gemm(emu, grad, w, mask=y)
     ref = (grad * torch.tensor([1.0, 0.0, 1.0])) @ w
     torch.testing.assert_close(gx, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_output_wider_than_grid_y(emu: Any) -> None:
+    """Issue 19: the N-tiles were grid.y (at most 65535), so N > 4,194,240 failed to
+    launch (nn.Linear(5_000_000, 10)'s weight gradient). The tiles are now on grid.x."""
+    n = 65536 * 64 + 100
+    assert emu.gemm_grid_tiles(1, n) == 65538 and emu.gemm_grid_tiles(130, 1) == 3
+    a = torch.tensor([[2.0]])
+    b = torch.randn(1, n, generator=gen(11))
+    c, rowsum, splits = run_gemm(emu, a, b, want_rowsum=True)
+    assert splits == 1
+    torch.testing.assert_close(c, 2.0 * b)
+    torch.testing.assert_close(rowsum, torch.tensor([2.0]))
+
+
+# ---------------------------------------------------------------- the cuBLAS layer path (common/aten_layers.h)
+
+
+def test_cublas_planner_decisions(emu: Any) -> None:
+    """Which layer GEMMs leave gemm_kernel for cuBLAS: half types always, float / double
+    from 2^26 multiply-adds (the classic workloads' first layers at large batches)."""
+    big = 1 << 26
+    assert emu.gemm_on_cublas(64, 30, 784, True)  # bf16 / half: tensor cores
+    assert not emu.gemm_on_cublas(64, 30, 784, False)  # 784-30-1 at batch 64: 1.5M MACs
+    assert not emu.gemm_on_cublas(2048, 30, 784, False)  # 48M
+    assert emu.gemm_on_cublas(12396, 30, 784, False)  # 292M
+    assert not emu.gemm_on_cublas(64, 100, 1000, False)  # 1000-100-10 at batch 64: 6.4M
+    assert emu.gemm_on_cublas(2048, 100, 1000, False)  # 205M
+    assert emu.gemm_on_cublas(1, big, 1, False) and not emu.gemm_on_cublas(1, big - 1, 1, False)
+    assert emu.gemm_on_cublas(1 << 40, 1 << 40, 1 << 40, False)  # no overflow
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("last_relu", [False, True])
+@pytest.mark.parametrize(("batch", "sizes"), [(0, [5, 4, 3]), (1, [7, 6, 2]), (37, [20, 16, 16, 3])])
+def test_cublas_layer_path_matches_autograd(
+    emu: Any, dtype: torch.dtype, last_relu: bool, batch: int, sizes: list[int]
+) -> None:
+    """LayerOps over the ATen GEMMs and epilogues the CUDA backend runs for wide layers:
+    forward and every gradient against autograd, biases on and off, NaN through the ReLU."""
+    g = gen(batch + len(sizes))
+    x = torch.randn(batch, sizes[0], dtype=dtype, generator=g)
+    if batch > 1:
+        x[1, 0] = float("nan")  # a NaN row: its ReLU outputs stay NaN, their gradients pass
+    ws = [torch.randn(o, i, dtype=dtype, generator=g) / math.sqrt(i) for i, o in itertools.pairwise(sizes)]
+    bs = [torch.randn(o, dtype=dtype, generator=g) if l % 2 == 0 else None for l, o in enumerate(sizes[1:])]
+    out, hidden = emu.aten_mlp_forward(x, ws, bs, last_relu)
+    wr = [w.clone().requires_grad_() for w in ws]
+    br = [b.clone().requires_grad_() if b is not None else None for b in bs]
+    xr = x.clone().requires_grad_()
+    h = xr
+    for l, (w, b) in enumerate(zip(wr, br, strict=True)):
+        h = F.linear(h, w, b)
+        if l + 1 < len(wr) or last_relu:
+            h = torch.relu(h)
+    t = tol(dtype, max(sizes))
+    torch.testing.assert_close(out, h.detach(), equal_nan=True, **t)
+    grad = torch.randn(out.shape, dtype=dtype, generator=g)
+    h.backward(grad)
+    mask = [True] * len(ws)
+    bias_mask = [b is not None for b in bs]
+    gi, gw, gb = emu.aten_mlp_backward(grad, x, ws, hidden, out if last_relu else None, last_relu, True, mask,
+                                       bias_mask)  # fmt: skip
+    torch.testing.assert_close(gi, xr.grad, equal_nan=True, **t)
+    for l in range(len(ws)):
+        torch.testing.assert_close(gw[l], wr[l].grad, equal_nan=True, **t)
+        if br[l] is not None:
+            torch.testing.assert_close(gb[l], br[l].grad, equal_nan=True, **t)
+        else:
+            assert gb[l].numel() == 0
 
 
 # ---------------------------------------------------------------- csrc/cuda/bce.cuh

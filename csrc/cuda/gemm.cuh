@@ -176,6 +176,22 @@ __global__ void gemm_reduce_splits_kernel(GemmParams<scalar_t> p, const acc_t<sc
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Which GEMMs of a layer path run on cuBLAS (through ATen, cuda/layer_backend.cuh)
+// instead of gemm_kernel: every half / bf16 one (tensor cores; gemm_kernel
+// would convert to float and run FFMA) and every one of at least
+// kCublasMinMacs multiply-adds, where gemm_kernel's SIMT tiles (no double
+// buffering, scalar shared loads: ~24 TFLOP/s fp32 on an H100/H200 by the
+// estimate of issue 19, cuBLAS ~50) lose more than the launches its fused
+// epilogues save (the ReLU mask and the bias gradient: two, ~2-3 us each).
+// 2^26 multiply-adds take gemm_kernel ~5.6 us at that rate and cuBLAS ~2.7 us.
+// Not measured on a GPU yet: a first-use timing on the device is to replace it.
+constexpr int64_t kCublasMinMacs = int64_t(1) << 26;
+
+inline bool gemm_on_cublas(int64_t M, int64_t N, int64_t K, bool half_type) {
+  return half_type ||
+         static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= static_cast<double>(kCublasMinMacs);
+}
+
 // Split K when the output has too few tiles to fill the device and K is long
 // enough to be worth it. Depends only on the shape and the SM count, so the
 // summation order is fixed for a given device.

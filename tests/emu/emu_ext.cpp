@@ -589,3 +589,48 @@ TORCH_LIBRARY_FRAGMENT(fastmlp_emu_test, m) {
         "int ignore_index, float smoothing, bool want_grad) -> (Tensor?, Tensor?)",
         &cross_entropy);
 }
+
+// ---- the cuBLAS layer path (common/aten_layers.h, cuda/layer_backend.cuh) ------
+// The CUDA backend runs a wide layer through these ATen calls; LayerOps over them
+// here is the same composition on CPU tensors (BLAS instead of cuBLAS).
+
+#include "common/aten_layers.h"
+#include "common/layer_ops.h"
+
+namespace {
+
+struct AtenLayerKernels {
+  struct Guard {
+    explicit Guard(const c10::Device&) {}
+  };
+  static void linear_act_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                              const c10::optional<at::Tensor>& bias, bool relu) {
+    fastmlp::aten_linear_act_into(out, x, w, bias, relu);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_backward(const at::Tensor& g, const at::Tensor& x,
+                                                                       const at::Tensor& w, const at::Tensor& y,
+                                                                       bool relu, bool want_x, bool want_w,
+                                                                       bool want_b) {
+    return fastmlp::aten_layer_backward(g, x, w, y, relu, want_x, want_w, want_b);
+  }
+};
+
+using AtenLayers = fastmlp::LayerOps<AtenLayerKernels>;
+
+bool gemm_on_cublas(int64_t M, int64_t N, int64_t K, bool half_type) {
+  return fc::gemm_on_cublas(M, N, K, half_type);
+}
+
+int64_t gemm_grid_tiles(int64_t M, int64_t N) { return fc::gemm_grid_tiles(M, N); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastmlp_emu_test, m) {
+  m.def("aten_mlp_forward(Tensor input, Tensor[] weights, Tensor?[] biases, bool last_relu) -> (Tensor, Tensor)",
+        &AtenLayers::mlp_forward);
+  m.def("aten_mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor hidden, Tensor? output, "
+        "bool last_relu, bool input_grad, bool[] weight_mask, bool[] bias_mask) -> (Tensor, Tensor[], Tensor[])",
+        &AtenLayers::mlp_backward);
+  m.def("gemm_on_cublas(int M, int N, int K, bool half_type) -> bool", &gemm_on_cublas);
+  m.def("gemm_grid_tiles(int M, int N) -> int", &gemm_grid_tiles);
+}
