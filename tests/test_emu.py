@@ -881,6 +881,23 @@ def test_fused_half_storage_float_accumulation(emu: Any, dtype: torch.dtype) -> 
     torch.testing.assert_close(acts[0].double() / h.abs().max(), h / h.abs().max(), **close)
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_launches_per_training_step(emu: Any, clip: float | None) -> None:
+    """The README's launch count of a BCE TrainStep on a narrow chain (784-30-1, batch 64):
+    the fused step kernel and its finish, then one update launch (two more with clipping)."""
+    x, y, weights, biases = step_inputs(torch.float32, 64, [784, 30, 1], seed=3)
+    before = emu.stats()[1]
+    _, _, grad_w, grad_b, _, _ = run_step(emu, x, y, weights, biases, input_grad=False)
+    assert emu.stats()[1] - before == 2
+    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+    grads = [t for pair in zip(grad_w, grad_b, strict=True) for t in pair]
+    state = [torch.empty(0) for _ in params]  # SGD without momentum: no state
+    hyper = [0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] * len(params)
+    before = emu.stats()[1]
+    emu.optimizer_step(params, grads, state, 0, hyper, clip)
+    assert emu.stats()[1] - before == (1 if clip is None else 3)
+
+
 # ---------------------------------------------------------------- csrc/cuda/mse.cuh
 
 MSE_SHAPES = [(0,), (1,), (7,), (33, 30), (5, 1000)]
