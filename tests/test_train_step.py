@@ -498,3 +498,39 @@ def test_device_steps_and_epoch_match_eager(device: str, opt_name: str, clip: fl
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-6)
     assert_same_training(ref, ref_opt, step)
     assert counter.calls == 1
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])  # adam: a fresh optimizer's first step runs eager
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_epoch_callback_chunks_the_loop_with_the_same_results(opt_name: str, drop_last: bool) -> None:
+    sizes = [10, 8, 1]
+    _, _, plain = twins(sizes, OPTIMIZERS[opt_name])
+    _, _, chunked = twins(sizes, OPTIMIZERS[opt_name])
+    x, y = data(203, sizes)  # 13 batches of 16 (the last one 11 rows), 12 with drop_last
+    calls: list[tuple[int, torch.Tensor]] = []
+    for _ in range(2):
+        expected = plain.epoch(x, y, 16, generator=torch.Generator().manual_seed(3), drop_last=drop_last)
+        got = chunked.epoch(
+            x, y, 16, generator=torch.Generator().manual_seed(3), drop_last=drop_last,
+            callback=lambda done, losses: calls.append((done, losses)), callback_every=5,
+        )  # fmt: skip
+        assert torch.equal(got, expected)
+    for p, q in zip(plain.model.parameters(), chunked.model.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+    last = 12 if drop_last else 13
+    assert [done for done, _ in calls] == [5, 10, last] * 2
+    assert [len(losses) for _, losses in calls] == [5, 5, last - 10] * 2
+    assert torch.equal(torch.cat([losses for _, losses in calls[3:]]), expected)  # the second epoch's
+
+
+def test_epoch_callback_on_the_dataloader_path_and_bad_every() -> None:
+    sizes = [6, 5, 1]
+    ref = reference_mlp(sizes)
+    model = nn.Sequential(*copy.deepcopy(list(ref)), nn.Tanh())  # not one chain: the DataLoader loop runs
+    step = TrainStep(model, nn.BCEWithLogitsLoss(), torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = data(30, sizes)
+    calls: list[tuple[int, int]] = []
+    losses = step.epoch(x, y, 4, shuffle=False, callback=lambda d, ls: calls.append((d, len(ls))), callback_every=3)
+    assert calls == [(3, 3), (6, 3), (8, 2)] and losses.shape == (8,)
+    with pytest.raises(ValueError, match="callback_every should be a positive integer"):
+        step.epoch(x, y, 4, callback=print, callback_every=0)

@@ -18,6 +18,8 @@ does not serve runs the eager lines above (same results, torch's errors).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -122,6 +124,42 @@ class _Plan:
         self.loss = _BCE
 
 
+class _Progress:
+    """An epoch's ``callback(batches_done, losses)``: called after every ``every``
+    batches and after the last one, with the losses since its previous call."""
+
+    __slots__ = ("callback", "every", "done", "pending")
+
+    def __init__(self, callback: Callable[[int, torch.Tensor], object] | None, every: int) -> None:
+        self.callback = callback
+        self.every = every
+        self.done = 0
+        self.pending: list[torch.Tensor] = []
+
+    def until_next(self) -> int:
+        """Batches to run before the next call (no limit without a callback)."""
+        return self.every - self.done % self.every if self.callback is not None else sys.maxsize
+
+    def add(self, losses: torch.Tensor) -> torch.Tensor:
+        """Counts consecutive batches' losses (1-D); calls back at a multiple of ``every``."""
+        if self.callback is not None and losses.numel() > 0:
+            self.pending.append(losses)
+            self.done += losses.numel()
+            if self.done % self.every == 0:
+                self._call()
+        return losses
+
+    def finish(self, result: torch.Tensor) -> torch.Tensor:
+        """The last call, for the batches since the previous one; returns ``result``."""
+        if self.callback is not None and self.pending:
+            self._call()
+        return result
+
+    def _call(self) -> None:
+        pending, self.pending = self.pending, []
+        self.callback(self.done, torch.cat(pending) if len(pending) > 1 else pending[0])  # type: ignore[misc]
+
+
 class TrainStep:
     """One training step (``zero_grad``, forward, loss, backward, optional
     gradient clipping, ``optimizer.step()``) as one fused op.
@@ -224,12 +262,24 @@ class TrainStep:
         shuffle: bool = True,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        callback: Callable[[int, torch.Tensor], object] | None = None,
+        callback_every: int = 100,
     ) -> torch.Tensor:
         """One epoch: what ``for xb, yb in DataLoader(TensorDataset(inputs, targets),
         batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last):
         self(xb, yb)`` does (the same batches in the same order, the same random
         draws from ``generator`` or the global generator), with the batch loop in
-        C++. Returns the per-batch losses as a 1-D tensor."""
+        C++. Returns the per-batch losses as a 1-D tensor.
+
+        ``callback(batches_done, losses)``, when given, is called after every
+        ``callback_every`` batches and after the last one, with the number of
+        batches done so far and the losses of the batches since its previous call
+        (e.g. ``bar.update(len(losses))`` for a tqdm bar): the C++ loop runs in
+        chunks of ``callback_every`` batches between the calls, with the same
+        results as one call."""
+        if callback is not None and not (type(callback_every) is int and callback_every > 0):
+            raise ValueError(f"callback_every should be a positive integer, got {callback_every!r}")
+        progress = _Progress(callback, callback_every)
         plan = None
         if (
             type(batch_size) is int
@@ -242,64 +292,81 @@ class TrainStep:
         ):
             plan = self._plan(inputs, targets)
         if plan is None:
-            return self._dataloader_epoch(inputs, targets, batch_size, shuffle, generator, drop_last)
+            return self._dataloader_epoch(inputs, targets, batch_size, shuffle, generator, drop_last, progress)
         order = self._draw_order(inputs.shape[0], shuffle, generator)
         losses = []
         if plan.fresh:
             # A fresh optimizer: its state is torch's own, made by its first step.
             first = order[:batch_size] if order is not None else torch.arange(min(batch_size, inputs.shape[0]))
             if drop_last and first.numel() < batch_size:
-                return inputs.new_empty((0,))
-            losses.append(self(inputs[first], targets[first]).reshape(1))
+                return progress.finish(inputs.new_empty((0,)))
+            losses.append(progress.add(self(inputs[first], targets[first]).reshape(1)))
             order = (order if order is not None else torch.arange(inputs.shape[0]))[batch_size:]
             if order.numel() == 0 or (drop_last and order.numel() < batch_size):
-                return torch.cat(losses)
+                return progress.finish(torch.cat(losses))
             plan = self._plan(inputs, targets)
             if plan is None or plan.fresh:  # the first step did not make every state: step by step
-                return self._steps(inputs, targets, order, batch_size, drop_last, losses)
+                return self._steps(inputs, targets, order, batch_size, drop_last, losses, progress)
         if self._ddp() is not None:  # every step's gradients are all-reduced: one op call per batch
             order = order if order is not None else torch.arange(inputs.shape[0])
-            return self._steps(inputs, targets, order, batch_size, drop_last, losses)
+            return self._steps(inputs, targets, order, batch_size, drop_last, losses, progress)
         loss_args = self._loss_args(plan.loss, targets.shape)
         self._clear_other_grads(plan)
         if order is not None and order.device != inputs.device:
             order = order.to(inputs.device)
-        with torch.no_grad():
-            try:
-                epoch_losses, grad_w, grad_b = ops.mlp_train_epoch(
-                    inputs, targets, order, batch_size, drop_last, plan.weights, plan.biases, plan.chain.last_relu,
-                    *loss_args, plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper,
-                    self.max_grad_norm,
-                )  # fmt: skip
-            except BaseException:
-                self._failed()
-                raise
-        if epoch_losses.numel() > 0:
-            self._set_grads(plan, grad_w, grad_b)
+        rows = order.numel() if order is not None else inputs.shape[0]
+        batches = rows // batch_size if drop_last else -(-rows // batch_size)
+        done = 0
+        grads = None
+        while done < batches:
+            n = min(batches - done, progress.until_next())
+            r0, r1 = done * batch_size, min(rows, (done + n) * batch_size)
+            if order is not None:
+                x, y, chunk_order = inputs, targets, order[r0:r1]
+            else:
+                x, y, chunk_order = inputs[r0:r1], targets[r0:r1], None
+            with torch.no_grad():
+                try:
+                    chunk_losses, grad_w, grad_b = ops.mlp_train_epoch(
+                        x, y, chunk_order, batch_size, drop_last, plan.weights, plan.biases, plan.chain.last_relu,
+                        *loss_args, plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper,
+                        self.max_grad_norm,
+                    )  # fmt: skip
+                except BaseException:
+                    self._failed()
+                    raise
+            grads = grad_w, grad_b
+            losses.append(progress.add(chunk_losses))
+            done += n
+        if grads is not None:
+            self._set_grads(plan, *grads)
             self._mark_stepped()
-        losses.append(epoch_losses)
-        return torch.cat(losses) if len(losses) > 1 else epoch_losses
+        if not losses:
+            return progress.finish(inputs.new_empty((0,)))
+        return progress.finish(torch.cat(losses) if len(losses) > 1 else losses[0])
 
-    def _steps(self, inputs, targets, order, batch_size, drop_last, losses) -> torch.Tensor:
+    def _steps(self, inputs, targets, order, batch_size, drop_last, losses, progress) -> torch.Tensor:
         """The rest of an epoch as one step call per batch of ``order``, after ``losses``."""
         for b in range(0, order.numel(), batch_size):
             idx = order[b : b + batch_size]
             if drop_last and idx.numel() < batch_size:
                 break
-            losses.append(self(inputs[idx], targets[idx]).reshape(1))
-        return torch.cat(losses) if losses else inputs.new_empty((0,))
+            losses.append(progress.add(self(inputs[idx], targets[idx]).reshape(1)))
+        return progress.finish(torch.cat(losses) if losses else inputs.new_empty((0,)))
 
-    def _dataloader_epoch(self, inputs, targets, batch_size, shuffle, generator, drop_last) -> torch.Tensor:
+    def _dataloader_epoch(
+        self, inputs, targets, batch_size, shuffle, generator, drop_last, progress: _Progress
+    ) -> torch.Tensor:
         """The epoch as written with a DataLoader (anything the fused loop does not serve)."""
         from torch.utils.data import DataLoader, TensorDataset
 
         loader = DataLoader(
             TensorDataset(inputs, targets), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
         )
-        losses = [self(xb, yb) for xb, yb in loader]
+        losses = [progress.add(self(xb, yb).reshape(1)).reshape(()) for xb, yb in loader]
         if not losses:
-            return torch.empty((0,), dtype=inputs.dtype, device=inputs.device)
-        return torch.stack(losses)
+            return progress.finish(torch.empty((0,), dtype=inputs.dtype, device=inputs.device))
+        return progress.finish(torch.stack(losses))
 
     @staticmethod
     def _draw_order(rows: int, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor | None:
