@@ -110,15 +110,9 @@ template <class LayerKernels, class BceKernels, class MseKernels, class CeKernel
   }
 };
 
-// A backend's mlp_loss_step from its `Step(input, target, weights, biases,
-// last_relu, StepLossArgs, input_grad, weight_mask, bias_mask)`: the op's
-// flat arguments gathered into StepLossArgs.
-template <auto Step>
-LossStepResult mlp_loss_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
-                             const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu, int64_t loss,
-                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
-                             int64_t reduction, int64_t ignore_index, double label_smoothing, bool input_grad,
-                             const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
+inline StepLossArgs step_loss_args(int64_t loss, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                   int64_t ignore_index, double label_smoothing) {
   StepLossArgs args;
   args.kind = loss;
   args.weight = weight;
@@ -126,7 +120,39 @@ LossStepResult mlp_loss_step(const at::Tensor& input, const at::Tensor& target, 
   args.reduction = reduction;
   args.ignore_index = ignore_index;
   args.label_smoothing = label_smoothing;
-  return Step(input, target, weights, biases, last_relu, args, input_grad, weight_mask, bias_mask);
+  return args;
 }
+
+// A backend's mlp_loss_step and mlp_bce_step from its `Step(input, target,
+// weights, biases, last_relu, StepLossArgs, input_grad, weight_mask,
+// bias_mask)`: the ops' flat arguments gathered into StepLossArgs.
+template <auto Step>
+LossStepResult mlp_loss_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                             const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu, int64_t loss,
+                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                             int64_t reduction, int64_t ignore_index, double label_smoothing, bool input_grad,
+                             const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
+  return Step(input, target, weights, biases, last_relu,
+              step_loss_args(loss, weight, pos_weight, reduction, ignore_index, label_smoothing), input_grad,
+              weight_mask, bias_mask);
+}
+
+template <auto Step>
+LossStepResult mlp_bce_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                            const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                            int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
+                            const c10::List<bool>& bias_mask) {
+  return Step(input, target, weights, biases, last_relu,
+              step_loss_args(kStepLossBce, weight, pos_weight, reduction, -100, 0.0), input_grad, weight_mask,
+              bias_mask);
+}
+
+// Registers a backend's mlp_bce_step and mlp_loss_step.
+#define FASTMLP_REGISTER_STEP_OPS(m, Step)                                    \
+  do {                                                                        \
+    (m).impl("mlp_bce_step", &::fastmlp::mlp_bce_step<&Step>);                \
+    (m).impl("mlp_loss_step", &::fastmlp::mlp_loss_step<&Step>);              \
+  } while (0)
 
 }  // namespace fastmlp

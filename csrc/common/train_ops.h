@@ -36,19 +36,6 @@ inline LossStepResult step_gradients(const at::Tensor& input, const at::Tensor& 
                  loss.ignore_index, loss.label_smoothing, false, weight_mask, bias_mask);
 }
 
-inline StepLossArgs step_loss_args(int64_t loss, const std::optional<at::Tensor>& weight,
-                                   const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-                                   int64_t ignore_index, double label_smoothing) {
-  StepLossArgs args;
-  args.kind = loss;
-  args.weight = weight;
-  args.pos_weight = pos_weight;
-  args.reduction = reduction;
-  args.ignore_index = ignore_index;
-  args.label_smoothing = label_smoothing;
-  return args;
-}
-
 template <class OptimKernels> struct TrainOps {
   static TrainStepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
                               const c10::List<std::optional<at::Tensor>>& biases, bool last_relu, int64_t loss_kind,

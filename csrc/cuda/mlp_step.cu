@@ -74,23 +74,7 @@ StepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::Tens
   return result;
 }
 
-// fastmlp::mlp_bce_step: the BCE case.
-StepResult bce_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
-                    const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
-                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
-                    int64_t reduction, bool input_grad, const c10::List<bool>& weight_mask,
-                    const c10::List<bool>& bias_mask) {
-  StepLossArgs loss;
-  loss.weight = weight;
-  loss.pos_weight = pos_weight;
-  loss.reduction = reduction;
-  return loss_step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
-}
-
 }  // namespace
 }  // namespace fastmlp::cuda
 
-TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
-  m.impl("mlp_bce_step", &fastmlp::cuda::bce_step);
-  m.impl("mlp_loss_step", &fastmlp::mlp_loss_step<&fastmlp::cuda::loss_step>);
-}
+TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) { FASTMLP_REGISTER_STEP_OPS(m, fastmlp::cuda::loss_step); }
