@@ -430,7 +430,7 @@ def test_update_and_epoch_ops_opcheck() -> None:
     torch.library.opcheck(torch.ops.fastmlp.mlp_train_epoch.default, args, test_utils=utils)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(30))
 def test_random_configurations_match_eager(seed: int) -> None:
     """Random chains (widths, biases, final ReLU, frozen parameters), losses and optimizer options."""
     rng = torch.Generator().manual_seed(seed)
@@ -461,17 +461,37 @@ def test_random_configurations_match_eager(seed: int) -> None:
         make = lambda params: cls(params, **kw)  # noqa: E731
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
     ref_opt, opt = make(trainable(ref)), make(trainable(model))
-    loss_kw = {"reduction": pick("mean", "sum")}
-    if pick(True, False):
-        loss_kw["pos_weight"] = torch.rand(sizes[-1], generator=rng) * 2
+    loss_kw: dict = {"reduction": pick("mean", "sum")}
+    classes = sizes[-1]
+    loss_name = pick("bce", "mse", "ce")
+    if loss_name == "bce":
+        if pick(True, False):
+            loss_kw["pos_weight"] = torch.rand(classes, generator=rng) * 2
+        make_loss, make_target = nn.BCEWithLogitsLoss, lambda rows: torch.rand(rows, classes, generator=rng)
+    elif loss_name == "mse":
+        make_loss, make_target = nn.MSELoss, lambda rows: torch.randn(rows, classes, generator=rng)
+    else:
+        loss_kw["label_smoothing"] = pick(0.0, 0.2)
+        if pick(True, False):
+            loss_kw["weight"] = torch.rand(classes, generator=rng) + 0.5
+        probabilities = pick(True, False)
+        if not probabilities:  # torch refuses an ignore_index >= 0 with probabilities
+            loss_kw["ignore_index"] = pick(-100, 0)
+
+        def make_target(rows: int) -> torch.Tensor:
+            if probabilities:
+                return torch.softmax(torch.randn(rows, classes, generator=rng), 1)
+            return torch.randint(0, classes, (rows,), generator=rng)
+
+        make_loss = nn.CrossEntropyLoss
     clip = pick(None, 0.1)
-    step = TrainStep(model, nn.BCEWithLogitsLoss(**loss_kw), opt, max_grad_norm=clip)
+    step = TrainStep(model, make_loss(**loss_kw), opt, max_grad_norm=clip)
     counter = EagerCounter(step)
     for i in range(4):
         x, _ = data(int(torch.randint(1, 300, (1,), generator=rng)), sizes, seed=100 * seed + i)
-        y = torch.rand(x.shape[0], sizes[-1], generator=rng)
-        expected = eager_step(ref, nn.BCEWithLogitsLoss(**loss_kw), ref_opt, x, y, clip=clip)
-        torch.testing.assert_close(step(x, y), expected, rtol=1e-4, atol=1e-5)
+        y = make_target(x.shape[0])
+        expected = eager_step(ref, make_loss(**loss_kw), ref_opt, x, y, clip=clip)
+        torch.testing.assert_close(step(x, y), expected, rtol=1e-4, atol=1e-5, equal_nan=True)
     assert_same_training(ref, ref_opt, step, rtol=1e-4, atol=1e-5)
     assert counter.calls <= 1
 

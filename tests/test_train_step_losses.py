@@ -179,6 +179,11 @@ def test_what_the_fused_op_does_not_take_runs_eager() -> None:
             torch.testing.assert_close(step(x, y), expected)
         assert_same_training(ref, ref_opt, step)
         assert counter.calls == (0 if fused else steps), loss_name
+    # probabilities with an ignore_index >= 0: torch's own error, from the eager lines
+    _, _, _, step = twins(sizes, OPTIMIZERS["sgd"], "ce-prob")
+    step.loss_fn = torch_fastmlp.CrossEntropyLoss(ignore_index=0)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
+        step(*data(20, sizes, "ce-prob"))
     # reduction none: torch's loss, whose backward then fails as eager's does
     ref, ref_opt, _, step = twins(sizes, OPTIMIZERS["sgd"], "ce")
     step.loss_fn = torch_fastmlp.CrossEntropyLoss(reduction="none")

@@ -473,6 +473,8 @@ class TrainStep:
                     return None
             elif not (_same_dtype_device(target, input) and tuple(target.shape) == out_shape):
                 return None
+            elif loss_fn.ignore_index >= 0:
+                return None  # probabilities: torch refuses ignore_index >= 0 ("not supported for floating point")
             return kind if weight is None or (
                 _same_dtype_device(weight, input) and tuple(weight.shape) == out_shape[1:]
             ) else None  # fmt: skip
