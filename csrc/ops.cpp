@@ -124,6 +124,12 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def(
       "mlp_bce_loss(Tensor input, Tensor target, Tensor[] weights, Tensor?[] biases, bool last_relu, "
       "Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  // The reduced loss of an MLP for a loss kind (mlp_loss_step's arguments;
+  // torch_fastmlp.FusedLoss): forward runs mlp_loss_step, backward scales the
+  // stored gradients.
+  m.def(
+      "mlp_loss(Tensor input, Tensor target, Tensor[] weights, Tensor?[] biases, bool last_relu, int loss, "
+      "Tensor? weight, Tensor? pos_weight, int reduction, int ignore_index, float label_smoothing) -> Tensor");
 }
 
 // ---- MSE and softmax cross-entropy (issue 20) ----------------------------------

@@ -247,6 +247,6 @@ def test_modules_call_the_cpp_ops() -> None:
     model = torch_fastmlp.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
     x, y = torch.randn(5, 6), torch.rand(5, 1)
     assert model(x).grad_fn.name().endswith("::MLPFunction>")
-    assert torch_fastmlp.FusedBCEClassifier(model)(x, y).grad_fn.name().endswith("::MLPBCEFunction>")
+    assert torch_fastmlp.FusedBCEClassifier(model)(x, y).grad_fn.name().endswith("::MLPLossFunction>")
     loss = torch_fastmlp.BCEWithLogitsLoss()(model(x), y)
     assert loss.grad_fn.name().endswith("::BCEWithLogitsFunction>")

@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import functional
 from ._ops import CPU_ISA, CUDA_ARCHS, WITH_CUDA
 from .autograd import BCEWithLogitsFunction, LinearFunction, LinearReLUFunction, MLPBCEFunction, MLPFunction
+from .fused_loss import FusedLoss
 from .modules import (
     MLP,
     BCEWithLogitsLoss,
@@ -30,6 +31,7 @@ __all__ = [
     "CrossEntropyLoss",
     "FusedBCEClassifier",
     "FusedLinearReLU",
+    "FusedLoss",
     "LinearFunction",
     "LinearReLUFunction",
     "MLP",

@@ -159,6 +159,13 @@ def _mlp_bce_loss_fake(input, target, weights, biases, last_relu, weight, pos_we
     return input.new_empty(())
 
 
+@torch.library.register_fake("fastmlp::mlp_loss")
+def _mlp_loss_fake(input, target, weights, biases, last_relu, loss, weight, pos_weight, reduction, ignore_index,
+                   label_smoothing):  # fmt: skip
+    _same_device(input, target=target, weights=weights, biases=biases, weight=weight, pos_weight=pos_weight)
+    return input.new_empty(())
+
+
 @torch.library.register_fake("fastmlp::mlp")
 def _mlp_fake(input, weights, biases, last_relu):
     return _mlp_forward_fake(input, weights, biases, last_relu)[0]

@@ -26,32 +26,13 @@ import torch
 import torch.optim.optimizer as _optim_module
 from torch import nn
 
-from . import functional as F
 from ._ops import ops
-from .modules import (
-    BCEWithLogitsLoss,
-    CrossEntropyLoss,
-    MSELoss,
-    _cached_plan,
-    _Chain,
-    _chain_fusable,
-    _has_hooks,
-    _same_dtype_device,
-)
+from .fused_loss import _BCE, _CROSS_ENTROPY, step_loss_args, step_loss_kind
+from .modules import _cached_plan, _Chain, _chain_fusable, _has_hooks
 
 __all__ = ["TrainStep"]
 
 _SGD, _ADAM = 0, 1
-_BCE, _MSE, _CROSS_ENTROPY = 0, 1, 2  # mlp_loss_step's loss kinds
-_LOSS_KINDS = {
-    nn.BCEWithLogitsLoss: _BCE,
-    BCEWithLogitsLoss: _BCE,
-    nn.MSELoss: _MSE,
-    MSELoss: _MSE,
-    nn.CrossEntropyLoss: _CROSS_ENTROPY,
-    CrossEntropyLoss: _CROSS_ENTROPY,
-}
-_REDUCTIONS = {"mean": 1, "sum": 2}
 _CUDA_MAX_PARAMS = 24  # parameters one launch of the CUDA update takes (kOptimMaxSlots in cuda/optim.cuh)
 
 
@@ -449,56 +430,10 @@ class TrainStep:
         return torch._C._dispatch_has_kernel_for_dispatch_key("fastmlp::optimizer_step", "CUDA")
 
     def _loss_kind(self, input: Any, target: object, chain: _Chain) -> int | None:
-        """The loss kind of mlp_loss_step for ``loss_fn(model(input), target)``, or
-        None where torch's loss must run (other losses or options, a target that
-        broadcasts, requires grad or has another dtype, hooks)."""
-        loss_fn = self.loss_fn
-        kind = _LOSS_KINDS.get(type(loss_fn))
-        if kind is None or loss_fn.reduction not in _REDUCTIONS or _has_hooks((loss_fn,)):
-            return None
-        if not isinstance(target, torch.Tensor) or target.requires_grad:
-            return None
-        out_shape = (*input.shape[:-1], chain.linears[-1].out_features)
-        weight = loss_fn._buffers.get("weight")
-        if kind == _CROSS_ENTROPY:
-            # [B, C] logits only ([B, C, d...] has its classes in another dim); class
-            # indices [B] or probabilities [B, C]
-            smoothing = loss_fn.label_smoothing
-            if input.dim() != 2 or not (_is_number(smoothing) and 0.0 <= smoothing <= 1.0):
-                return None
-            if not (type(loss_fn.ignore_index) is int and -(2**63) <= loss_fn.ignore_index < 2**63):
-                return None
-            if target.dtype is torch.int64:
-                if target.device != input.device or tuple(target.shape) != out_shape[:1]:
-                    return None
-            elif not (_same_dtype_device(target, input) and tuple(target.shape) == out_shape):
-                return None
-            elif loss_fn.ignore_index >= 0:
-                return None  # probabilities: torch refuses ignore_index >= 0 ("not supported for floating point")
-            return kind if weight is None or (
-                _same_dtype_device(weight, input) and tuple(weight.shape) == out_shape[1:]
-            ) else None  # fmt: skip
-        if not _same_dtype_device(target, input) or tuple(target.shape) != out_shape:
-            return None
-        if kind == _MSE:
-            return kind
-        for buf in (weight, loss_fn._buffers.get("pos_weight")):
-            if buf is not None and not (_same_dtype_device(buf, input) and F._broadcasts_to(buf, target.shape)):
-                return None
-        return kind
+        return step_loss_kind(self.loss_fn, input, target, chain.linears[-1].out_features)
 
     def _loss_args(self, kind: int, target_shape: torch.Size) -> tuple[Any, ...]:
-        """mlp_loss_step's loss arguments: (loss, weight, pos_weight, reduction,
-        ignore_index, label_smoothing)."""
-        loss_fn = self.loss_fn
-        reduction = _REDUCTIONS[loss_fn.reduction]
-        if kind == _BCE:
-            buffers = loss_fn._buffers
-            weight, pos_weight = buffers.get("weight"), buffers.get("pos_weight")
-            return (kind, F._pattern(weight, target_shape), F._pattern(pos_weight, target_shape), reduction, -100, 0.0)
-        if kind == _MSE:
-            return (kind, None, None, reduction, -100, 0.0)
-        return (kind, loss_fn.weight, None, reduction, loss_fn.ignore_index, float(loss_fn.label_smoothing))
+        return step_loss_args(self.loss_fn, kind, target_shape)
 
     def _failed(self) -> None:
         """After an op raised (e.g. a class index out of range): the gradients as
