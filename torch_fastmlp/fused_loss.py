@@ -15,11 +15,11 @@ from .modules import (
     BCEWithLogitsLoss,
     CrossEntropyLoss,
     MSELoss,
-    _cached_plan,
     _Chain,
     _chain_fusable,
     _has_hooks,
     _same_dtype_device,
+    _whole_chain,
 )
 
 __all__ = ["FusedLoss"]
@@ -125,13 +125,9 @@ class FusedLoss(nn.Module):
         return self.model(input)
 
     def _fused(self, input: object, target: object) -> tuple[_Chain, list, list, int] | None:
-        model = self.model
-        if not isinstance(model, nn.Sequential) or _has_hooks((model,)):
+        chain = _whole_chain(self.model)
+        if chain is None:
             return None
-        plan = _cached_plan(model)
-        if len(plan) != 1 or not isinstance(plan[0], _Chain):
-            return None
-        chain = plan[0]
         params = _chain_fusable(chain, input)
         if params is None or input.numel() == 0:  # type: ignore[union-attr]
             return None

@@ -163,6 +163,17 @@ def _chain_fusable(chain: _Chain, input: object) -> tuple[list[torch.Tensor], li
     return weights, biases
 
 
+def _whole_chain(model: object) -> _Chain | None:
+    """The chain when ``model`` is an ``nn.Sequential`` (or subclass) without hooks
+    that is one Linear(+ReLU) chain: what the single-pass step and TrainStep serve."""
+    if not isinstance(model, nn.Sequential) or _has_hooks((model,)):
+        return None
+    plan = _cached_plan(model)
+    if len(plan) != 1 or not isinstance(plan[0], _Chain):
+        return None
+    return plan[0]
+
+
 def _cached_plan(seq: nn.Sequential) -> list[_Chain | nn.Module]:
     """The plan of ``seq``, rebuilt only when its list of modules changed."""
     modules = tuple(seq._modules.values())
@@ -304,13 +315,9 @@ class FusedBCEClassifier(nn.Module):
     def _fused_chain(
         self, input: object, target: object
     ) -> tuple[_Chain, list[torch.Tensor], list[torch.Tensor | None]] | None:
-        model = self.model
-        if not isinstance(model, nn.Sequential) or _has_hooks((model,)):
+        chain = _whole_chain(self.model)
+        if chain is None:
             return None
-        plan = _cached_plan(model)
-        if len(plan) != 1 or not isinstance(plan[0], _Chain):
-            return None
-        chain = plan[0]
         params = _chain_fusable(chain, input)
         if params is None or not isinstance(target, torch.Tensor):
             return None

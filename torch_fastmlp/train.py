@@ -28,7 +28,7 @@ from torch import nn
 
 from ._ops import ops
 from .fused_loss import _BCE, _CROSS_ENTROPY, step_loss_args, step_loss_kind
-from .modules import _cached_plan, _Chain, _chain_fusable, _has_hooks
+from .modules import _Chain, _chain_fusable, _has_hooks, _whole_chain
 
 __all__ = ["TrainStep"]
 
@@ -383,13 +383,9 @@ class TrainStep:
 
     def _plan(self, input: object, target: object) -> _Plan | None:
         """The fused step's arguments, or None where the eager lines must run."""
-        model = self._inner_model()
-        if not isinstance(model, nn.Sequential) or _has_hooks((model,)):
+        chain = _whole_chain(self._inner_model())
+        if chain is None:
             return None
-        modules = _cached_plan(model)
-        if len(modules) != 1 or not isinstance(modules[0], _Chain):
-            return None
-        chain = modules[0]
         params = _chain_fusable(chain, input)
         if params is None:
             return None
