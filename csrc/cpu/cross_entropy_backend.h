@@ -330,6 +330,25 @@ double ce_rows_scalar(const CeRows<scalar_t>& a, const CeConstants<float>& k, in
   return total;
 }
 
+// The sum of the class weights (C without weights), in double: CeConstants' weight_sum.
+template <typename scalar_t> double ce_weight_sum(const at::Tensor& weight, int64_t classes) {
+  if (!weight.defined()) return static_cast<double>(classes);
+  double sum = 0;
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  for (int64_t c = 0; c < classes; ++c) sum += static_cast<double>(w[c]);
+  return sum;
+}
+
+// The class weights as the vector sweeps read them (float / double): padded with
+// zeros to whole vectors, held by `padded`.
+template <typename T> const T* ce_padded_weight(const at::Tensor& weight, int64_t classes, std::vector<T>& padded) {
+  constexpr int kLanes = vec::Lanes<T>::count;
+  const T* w = weight.const_data_ptr<T>();
+  padded.assign((classes + kLanes - 1) / kLanes * kLanes, T(0));
+  for (int64_t c = 0; c < classes; ++c) padded[c] = w[c];
+  return padded.data();
+}
+
 // The CPU backend of CrossEntropyOps (see common/cross_entropy_ops.h).
 struct CpuCrossEntropyKernels {
   struct Guard {
@@ -379,12 +398,7 @@ struct CpuCrossEntropyKernels {
     if (rows == 0) return 0.0;
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr bool vectorised = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    double weight_sum = static_cast<double>(classes);
-    if (weight.defined()) {
-      weight_sum = 0;
-      const scalar_t* w = weight.const_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < classes; ++c) weight_sum += static_cast<double>(w[c]);
-    }
+    const double weight_sum = ce_weight_sum<scalar_t>(weight, classes);
     CeRows<scalar_t> a;
     a.x = x.const_data_ptr<scalar_t>();
     a.x_end = a.x + x.numel();
@@ -398,14 +412,12 @@ struct CpuCrossEntropyKernels {
     a.grad_rows = grad_rows;
     a.loss_rows = loss_rows;
     a.grad = grad;
-    std::vector<scalar_t> padded;  // vector path: weights padded to whole vectors with zeros
+    std::vector<scalar_t> padded;
     if (weight.defined()) {
-      a.weight = weight.const_data_ptr<scalar_t>();
       if constexpr (vectorised) {
-        constexpr int kLanes = vec::Lanes<scalar_t>::count;
-        padded.assign((classes + kLanes - 1) / kLanes * kLanes, scalar_t(0));
-        for (int64_t c = 0; c < classes; ++c) padded[c] = a.weight[c];
-        a.weight = padded.data();
+        a.weight = ce_padded_weight(weight, classes, padded);
+      } else {
+        a.weight = weight.const_data_ptr<scalar_t>();
       }
     }
     const CeConstants<opmath_t> k =

@@ -151,20 +151,9 @@ void with_row_loss(const StepLossArgs& loss, const at::Tensor& y, int64_t batch,
     a.classes = n_out;
     a.ignore_index = loss.ignore_index;
     a.scale = static_cast<T>(1.0 / denominator);
-    double weight_sum = static_cast<double>(n_out);
     std::vector<T> padded;
-    if (w.defined()) {
-      constexpr int kLanes = vec::Lanes<T>::count;
-      const T* wp = w.const_data_ptr<T>();
-      padded.assign((n_out + kLanes - 1) / kLanes * kLanes, T(0));
-      weight_sum = 0;
-      for (int64_t c = 0; c < n_out; ++c) {
-        padded[c] = wp[c];
-        weight_sum += static_cast<double>(wp[c]);
-      }
-      a.weight = padded.data();
-    }
-    a.k = ce_constants<T>(static_cast<T>(loss.label_smoothing), n_out, static_cast<T>(weight_sum));
+    if (w.defined()) a.weight = ce_padded_weight(w, n_out, padded);
+    a.k = ce_constants<T>(static_cast<T>(loss.label_smoothing), n_out, static_cast<T>(ce_weight_sum<T>(w, n_out)));
     if (ce_index_target(y)) {
       rows.index = y.const_data_ptr<int64_t>();
     } else {
