@@ -27,17 +27,13 @@ import torch.optim.optimizer as _optim_module
 from torch import nn
 
 from ._ops import ops
-from .fused_loss import _BCE, _CROSS_ENTROPY, step_loss_args, step_loss_kind
+from .fused_loss import _BCE, _CROSS_ENTROPY, _is_number, step_loss_args, step_loss_kind
 from .modules import _Chain, _chain_fusable, _has_hooks, _whole_chain
 
 __all__ = ["TrainStep"]
 
 _SGD, _ADAM = 0, 1
 _CUDA_MAX_PARAMS = 24  # parameters one launch of the CUDA update takes (kOptimMaxSlots in cuda/optim.cuh)
-
-
-def _is_number(v: object) -> bool:
-    return type(v) is float or type(v) is int
 
 
 def _sgd_hyper(group: dict[str, Any]) -> tuple[float, ...] | None:
@@ -344,7 +340,10 @@ class TrainStep:
         loader = DataLoader(
             TensorDataset(inputs, targets), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
         )
-        losses = [progress.add(self(xb, yb).reshape(1)).reshape(()) for xb, yb in loader]
+        losses = []
+        for xb, yb in loader:
+            losses.append(self(xb, yb))
+            progress.add(losses[-1].reshape(1))
         if not losses:
             return progress.finish(torch.empty((0,), dtype=inputs.dtype, device=inputs.device))
         return progress.finish(torch.stack(losses))
