@@ -749,6 +749,7 @@ STEP_CASES = {
     "one layer": (65, [9, 4], SM_COUNT, H100_SMEM_OPTIN),
     "odd widths, a one-row last tile": (129, [37, 31, 7, 3], SM_COUNT, H100_SMEM_OPTIN),
     "eight layers": (70, [12, 9, 8, 7, 6, 5, 4, 3, 2], 2, H100_SMEM_OPTIN),
+    "32-row tiles": (200, [50, 24, 3], 6, H100_SMEM_OPTIN),
 }
 
 
@@ -768,19 +769,71 @@ def test_fused_step_widest_layers(emu: Any) -> None:
     out = run_step(emu, x, y, weights, biases)
     ref = step_ref(x, y, weights, biases, False, None, None, 1)
     assert_step_matches(out, ref, torch.float32, 70 * 128, True, [True] * 3, [True] * 3)
-    # float64 tile buffers of two 128-wide layers exceed an H100's shared memory: not fused
-    *_, blocks, _ = run_step(emu, x.double(), y.double(), [t.double() for t in weights], [t.double() for t in biases])
-    assert blocks == 0
+    # float64: 152 KB of accumulators do not fit next to the tile buffers, so they
+    # go to each block's workspace slice
+    x, y = x.double(), y.double()
+    weights, biases = [t.double() for t in weights], [t.double() for t in biases]
+    out = run_step(emu, x, y, weights, biases)
+    assert out[-1] == 0
+    ref = step_ref(x, y, weights, biases, False, None, None, 1)
+    assert_step_matches(out, ref, torch.float64, 70 * 128, True, [True] * 3, [True] * 3)
+
+
+def fused_plan(
+    emu: Any,
+    batch: int,
+    sizes: list[int],
+    dtype: torch.dtype = torch.float32,
+    forward: bool = False,
+    sm_count: int = SM_COUNT,
+    smem_optin: int = H100_SMEM_OPTIN,
+) -> tuple[int, ...]:
+    """(tile_rows, blocks, grads_in_smem, smem_bytes) of the fused step (or forward) kernel's plan."""
+    return tuple(emu.fused_plan(batch, sizes[0], sizes[1:], dtype == torch.float64, forward, sm_count, smem_optin))
+
+
+CLASSIC_CHAINS = [[784, 30, 1], [1000, 100, 10]]
+
+
+@pytest.mark.parametrize("forward", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", CLASSIC_CHAINS)
+@pytest.mark.parametrize("batch", [1, 64, 256, 2048, 12396, 70000])
+def test_fused_plan_fills_an_h200(emu: Any, batch: int, sizes: list[int], dtype: torch.dtype, forward: bool) -> None:
+    """Issue 19: on an H200 (132 SMs, 227 KB per block) every classic workload
+    launches at least min(132, rows / 16) blocks, each a tile of 16 to 64 rows."""
+    tile_rows, blocks, _, smem_bytes = fused_plan(emu, batch, sizes, dtype, forward)
+    assert blocks >= min(132, -(-batch // 16)), (tile_rows, blocks)
+    assert tile_rows in (16, 32, 64) and blocks <= -(-batch // tile_rows)
+    assert 0 < smem_bytes <= H100_SMEM_OPTIN
+
+
+def test_fused_plan_tiles_and_placement(emu: Any) -> None:
+    # 16-row tiles while the batch has fewer than one 64-row tile per SM ...
+    assert fused_plan(emu, 64, [784, 30, 1])[:3] == (16, 4, 1)
+    assert fused_plan(emu, 2048, [784, 30, 1])[:3] == (16, 128, 1)
+    assert fused_plan(emu, 5000, [784, 30, 1])[:2] == (32, 157)  # 79 tiles of 64 < 132 <= 157 of 32
+    # ... 64-row ones past that; 94 KB of accumulators + 64-row buffers: one block per SM
+    assert fused_plan(emu, 12396, [784, 30, 1])[:3] == (64, 132, 1)
+    # two blocks per SM where two fit (float, a first layer <= 32 wide, small buffers) ...
+    assert fused_plan(emu, 70000, [784, 30, 1], sm_count=4)[:3] == (64, 4, 1)
+    assert fused_plan(emu, 64 * 8, [40, 16, 3], sm_count=4)[:3] == (64, 8, 1)
+    # ... one for 128-wide register tiles (1000 -> 100: 400 KB of accumulators in the workspace)
+    assert fused_plan(emu, 12396, [1000, 100, 10])[:3] == (64, 132, 0)
+    # float64 at 64 rows: the accumulators leave the shared memory rather than shrink the tile
+    assert fused_plan(emu, 12396, [784, 30, 1], torch.float64)[:3] == (64, 132, 0)
+    # buffers too big for 64 rows (two 128-wide float64 layers): 32-row tiles
+    assert fused_plan(emu, 10000, [20, 128, 128, 2], torch.float64)[:3] == (32, 132, 0)
+    assert fused_plan(emu, 100, [784, 129, 1])[1] == 0  # a layer wider than kChainMaxWidth: not fused
+    # the forward kernel: no accumulators, up to 8 blocks per SM
+    assert fused_plan(emu, 70000, [784, 30, 1], forward=True)[:2] == (64, 1056)
 
 
 def test_fused_step_places_the_gradients_as_planned(emu: Any) -> None:
     x, y, weights, biases = step_inputs(torch.float32, 100, [784, 30, 1], seed=1)
     *_, blocks, in_smem = run_step(emu, x, y, weights, biases)
-    assert (blocks, in_smem) == (2, 1)  # 94 KB of accumulators fit next to the tile buffers
-    *_, blocks, in_smem = run_step(
-        emu, x.double(), y.double(), [t.double() for t in weights], [t.double() for t in biases]
-    )
-    assert in_smem == 0  # float64: 188 KB of accumulators do not
+    assert (blocks, in_smem) == (7, 1)  # 7 tiles of 16 rows; 94 KB of accumulators fit next to their buffers
+    assert (blocks, in_smem) == fused_plan(emu, 100, [784, 30, 1])[1:3]
     *_, blocks, _ = run_step(emu, x, y, [torch.randn(129, 784), torch.randn(1, 129)], [None, None])
     assert blocks == 0  # a layer wider than kChainMaxWidth: not for this kernel
     x, y, weights, biases = step_inputs(torch.float32, 150, [700, 33, 5], seed=2)
@@ -819,11 +872,12 @@ def test_fused_step_gradient_masks(emu: Any, input_grad: bool, weight_mask: list
     assert_step_matches(out, ref, torch.float64, 90 * 33, input_grad, weight_mask, bias_mask)
 
 
-def test_fused_step_strided_input_no_bias_and_determinism(emu: Any) -> None:
+@pytest.mark.parametrize("sm_count", [2, SM_COUNT])  # tiles of 64 and of 16 rows
+def test_fused_step_strided_input_no_bias_and_determinism(emu: Any, sm_count: int) -> None:
     x, y, weights, _ = step_inputs(torch.float32, 140, [50, 20, 1], seed=8)
     xt = x.t().contiguous().t()  # column-major: read through its strides
     biases: list[torch.Tensor | None] = [None, None]
-    first = run_step(emu, xt, y, weights, biases, sm_count=2)
+    first = run_step(emu, xt, y, weights, biases, sm_count=sm_count)
     assert_step_matches(
         first,
         step_ref(x, y, weights, biases, False, None, None, 1),
@@ -833,7 +887,7 @@ def test_fused_step_strided_input_no_bias_and_determinism(emu: Any) -> None:
         [True, True],
         [False, False],
     )
-    second = run_step(emu, xt, y, weights, biases, sm_count=2)
+    second = run_step(emu, xt, y, weights, biases, sm_count=sm_count)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(a, b) for a, b in zip(first[2], second[2], strict=True))
 
@@ -849,7 +903,8 @@ def test_fused_forward_matches_torch(
     x, _, weights, biases = step_inputs(dtype, batch, sizes, seed=batch)
     x = x[:, ::1] if batch % 2 else x.t().contiguous().t()  # also through the input's strides
     acts, blocks = emu.fused_forward(x, weights, biases, last_relu, sm_count, H100_SMEM_OPTIN)
-    assert blocks == min(-(-batch // 64), 8 * sm_count)
+    tile_rows = fused_plan(emu, batch, sizes, dtype, forward=True, sm_count=sm_count)[0]
+    assert blocks == min(-(-batch // tile_rows), 8 * sm_count)
     h = x.double()
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         h = F.linear(h, w.double(), b.double())

@@ -1,16 +1,20 @@
 // A narrow MLP chain in one kernel, the tile walk of both:
 // - fused_step_kernel (fastmlp::mlp_bce_step): the whole training step of an MLP
-//   classifier. For each tile of kChainRows input rows a block runs the first
-//   layer (input streamed through shared memory in chunks of kChainChunk
-//   features), the narrow layers above it with their activations kept in shared
-//   memory, the BCE loss and its logits gradient, and the backward through every
-//   layer, adding the tile's parameter gradients into per-block accumulators (in
-//   shared memory when they fit, else in the block's own slice of the
-//   workspace). fused_step_finish_kernel sums the per-block partials in block
-//   order: deterministic, no floating-point atomics. Only the gradients and the
-//   loss are written to memory; the input is read by the forward and once more
-//   by the first layer's weight gradient, right after, while the tile is still
-//   in L2.
+//   classifier. For each tile of input rows (16 to 64, as the planner sizes
+//   them to fill the SMs) a block runs the first layer (input and weight
+//   streamed through shared memory in chunks of kChainChunk features, the next
+//   chunk's loads in flight while the current one is multiplied), the narrow
+//   layers above it with their activations kept in shared memory, the BCE loss
+//   and its logits gradient, and the backward through every layer, adding the
+//   tile's parameter gradients into per-block accumulators (in shared memory
+//   when they fit, else in the block's own slice of the workspace).
+//   fused_step_finish_kernel sums the per-block partials in block order:
+//   deterministic, no floating-point atomics. Only the gradients and the loss
+//   are written to memory; the input is read by the forward and once more by
+//   the first layer's weight gradient, right after, while the tile is still in
+//   L2. The planner (host) sizes the tiles and the grid from the SM count and
+//   lays out the shared memory; the kernels read that layout from their
+//   parameters.
 // - fused_forward_kernel (fastmlp::mlp_forward): the same forward, writing every
 //   layer's activations for the backward.
 //
@@ -33,22 +37,53 @@ namespace fastmlp::cuda {
 
 constexpr int kChainMaxLayers = 8;
 constexpr int kChainMaxWidth = 128;
-constexpr int kChainRows = 64;    // rows of a tile
+// Rows of a tile: the planner picks kChainMaxRows, or fewer (down to
+// kChainMinRows) when a batch has too few tiles of that size to fill the SMs.
+constexpr int kChainMaxRows = 64;
+constexpr int kChainMinRows = 16;
 constexpr int kChainChunk = 32;   // input features staged at a time
 constexpr int kChainThreads = 256;
 // The kernels are compiled for first layers of at most kNarrowFirst outputs
 // (the 784 -> 30 case) and of at most kChainMaxWidth, so a narrow first layer
 // does not run the register tiles of a 128-wide one.
 constexpr int kNarrowFirst = 32;
-// First-layer forward: a 16 x 16 thread grid, each thread 4 rows x up to
-// kFirstWidth / 16 columns.
+// Resident blocks per SM a kernel is compiled for (__launch_bounds__) and the
+// planner assumes: two for the float-accumulating narrow-first kernels (at most
+// 128 registers a thread, 65536 per SM; ptxas: ~120, no spills), one for the
+// others (their 128-wide register tiles, or double, take up to ~230).
+template <typename scalar_t, int kFirstWidth> constexpr int chain_blocks_per_sm() {
+  return kFirstWidth <= kNarrowFirst && sizeof(acc_t<scalar_t>) == 4 ? 2 : 1;
+}
+// First-layer forward: a 16 x 16 thread grid, each thread up to 4 rows (tile
+// rows / 16) x up to kFirstWidth / 16 columns.
 constexpr int kChainGridX = 16;
-constexpr int kChainRowsPerThread = kChainRows / (kChainThreads / kChainGridX);
+constexpr int kChainGridY = kChainThreads / kChainGridX;
+constexpr int kChainRowsPerThread = kChainMaxRows / kChainGridY;
 // First-layer weight gradient: thread = (feature in the chunk, group of output
 // rows), up to kFirstWidth / kChainGroups rows each.
 constexpr int kChainGroups = kChainThreads / kChainChunk;
 static_assert(kChainThreads == kBceThreads, "the loss partial is summed with block_sum");
-static_assert(kChainRows % (kChainThreads / kChainGridX) == 0 && kChainThreads % kChainChunk == 0, "tile shape");
+static_assert(kChainMinRows == kChainGridY && kChainMaxRows % kChainGridY == 0 && kChainThreads % kChainChunk == 0,
+              "tile shape: every tile size a multiple of the thread grid's rows");
+
+// Row pitch of a shared-memory row of `width` values: odd, so threads walking
+// down a column hit distinct banks.
+FASTMLP_HD int pitch_of(int width) { return width | 1; }
+constexpr int kXPitch = kChainChunk + 1;
+
+// Offsets (in accumulator elements) of the kernel's dynamic shared memory,
+// computed on the host by the planner and passed in with the parameters.
+struct ChainSmemLayout {
+  int64_t grads = 0;                   // the block's gradient accumulators (grads_in_smem)
+  int64_t act[kChainMaxLayers] = {};   // layer outputs, [tile_rows, pitch_of(width[l])]
+  int64_t grad_a = 0, grad_b = 0;      // ping-pong gradients, rows of the layer's pitch
+  int64_t x_tile = 0;                  // [tile_rows, kXPitch] input chunk
+  int64_t w_tile = 0;                  // [kChainChunk, pitch_of(width[0])] first-layer weight chunk
+  int64_t scratch = 0;                 // [kChainThreads] for block_sum (the step kernel)
+  int64_t total = 0;
+};
+
+FASTMLP_HD int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
 
 template <typename scalar_t> struct FusedChainParams {
   int64_t batch = 0, in_features = 0;
@@ -77,28 +112,13 @@ template <typename scalar_t> struct FusedChainParams {
   int64_t grad_offset[kChainMaxLayers + 1] = {};
   int64_t bias_offset[kChainMaxLayers] = {};
   bool grads_in_smem = false;
+  int tile_rows = kChainMaxRows;
+  ChainSmemLayout smem;  // for tile_rows, forward_only and grads_in_smem
 
   FASTMLP_HD int64_t fan_in(int l) const { return l == 0 ? in_features : width[l - 1]; }
   FASTMLP_HD bool relu_after(int l) const { return l + 1 < layers || last_relu; }
 };
 
-// Row pitch of a shared-memory row of `width` values: odd, so threads walking
-// down a column hit distinct banks.
-FASTMLP_HD int pitch_of(int width) { return width | 1; }
-constexpr int kXPitch = kChainChunk + 1;
-
-// Offsets (in accumulator elements) of the kernel's dynamic shared memory.
-struct ChainSmemLayout {
-  int64_t grads = 0;                   // the block's gradient accumulators (grads_in_smem)
-  int64_t act[kChainMaxLayers] = {};   // layer outputs, [kChainRows, pitch_of(width[l])]
-  int64_t grad_a = 0, grad_b = 0;      // ping-pong gradients, rows of the layer's pitch
-  int64_t x_tile = 0;                  // [kChainRows, kXPitch] input chunk
-  int64_t w_tile = 0;                  // [kChainChunk, pitch_of(width[0])] first-layer weight chunk
-  int64_t scratch = 0;                 // [kChainThreads] for block_sum (the step kernel)
-  int64_t total = 0;
-};
-
-FASTMLP_HD int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
 
 template <typename scalar_t> FASTMLP_HD ChainSmemLayout chain_smem_layout(const FusedChainParams<scalar_t>& p) {
   ChainSmemLayout s;
@@ -106,45 +126,84 @@ template <typename scalar_t> FASTMLP_HD ChainSmemLayout chain_smem_layout(const 
   int max_pitch = 0;
   for (int l = 0; l < p.layers; ++l) {
     s.act[l] = at;
-    at += round_up4(static_cast<int64_t>(kChainRows) * pitch_of(p.width[l]));
+    at += round_up4(static_cast<int64_t>(p.tile_rows) * pitch_of(p.width[l]));
     if (pitch_of(p.width[l]) > max_pitch) max_pitch = pitch_of(p.width[l]);
   }
-  const int64_t grad_elems = p.forward_only ? 0 : round_up4(static_cast<int64_t>(kChainRows) * max_pitch);
+  const int64_t grad_elems = p.forward_only ? 0 : round_up4(static_cast<int64_t>(p.tile_rows) * max_pitch);
   s.grad_a = at;
   s.grad_b = at + grad_elems;
   s.x_tile = s.grad_b + grad_elems;
-  s.w_tile = s.x_tile + round_up4(static_cast<int64_t>(kChainRows) * kXPitch);
+  s.w_tile = s.x_tile + round_up4(static_cast<int64_t>(p.tile_rows) * kXPitch);
   s.scratch = s.w_tile + round_up4(static_cast<int64_t>(kChainChunk) * pitch_of(p.width[0]));
   s.total = s.scratch + (p.forward_only ? 0 : kChainThreads);
   return s;
 }
 
-// xs[r][k] = input(r0 + r, k0 + k), zero outside the tile's rows and the features.
-template <typename scalar_t>
-__device__ __forceinline__ void stage_input_chunk(const FusedChainParams<scalar_t>& p, acc_t<scalar_t>* xs, int64_t r0,
-                                                  int rows, int64_t k0) {
+// One chunk of kChainChunk features of the tile's input and of the first
+// layer's weight, held in registers between its loads from global memory and
+// its stores to shared memory: the next chunk's loads are issued before the
+// current chunk is multiplied, so their latency hides behind that work.
+//   xs[r][k] = input(r0 + r, k0 + k), zero outside the tile's rows and the features;
+//   ws[k][n] = weight[0](n, k0 + k), zero past the features.
+template <int kFirstWidth, typename scalar_t> struct ChunkStage {
   using acc = acc_t<scalar_t>;
-  // Walk along the input's unit stride, so the loads coalesce.
-  const bool k_fastest = p.input.col_stride == 1 || p.input.row_stride != 1;
-  for (int e = threadIdx.x; e < kChainRows * kChainChunk; e += kChainThreads) {
-    const int r = k_fastest ? e / kChainChunk : e % kChainRows;
-    const int k = k_fastest ? e % kChainChunk : e / kChainRows;
-    xs[r * kXPitch + k] = r < rows && k0 + k < p.in_features ? static_cast<acc>(p.input.at(r0 + r, k0 + k)) : acc(0);
-  }
-}
+  static constexpr int kXPerThread = kChainMaxRows * kChainChunk / kChainThreads;
+  static constexpr int kWPerThread = (kFirstWidth * kChainChunk + kChainThreads - 1) / kChainThreads;
+  acc x[kXPerThread];
+  acc w[kWPerThread];
 
-// ws[k][n] = weight[0](n, k0 + k), zero past the features.
-template <typename scalar_t>
-__device__ __forceinline__ void stage_weight_chunk(const FusedChainParams<scalar_t>& p, acc_t<scalar_t>* ws,
-                                                   int64_t k0) {
-  using acc = acc_t<scalar_t>;
-  const int n0 = p.width[0];
-  const int64_t K = p.in_features;
-  for (int e = threadIdx.x; e < n0 * kChainChunk; e += kChainThreads) {
-    const int n = e / kChainChunk, k = e % kChainChunk;
-    ws[k * pitch_of(n0) + n] = k0 + k < K ? static_cast<acc>(p.weight[0][n * K + k0 + k]) : acc(0);
+  // Element e of the input chunk: walk along the input's unit stride, so the loads coalesce.
+  __device__ __forceinline__ static void x_coords(const FusedChainParams<scalar_t>& p, int e, int* r, int* k) {
+    const bool k_fastest = p.input.col_stride == 1 || p.input.row_stride != 1;
+    *r = k_fastest ? e / kChainChunk : e % p.tile_rows;
+    *k = k_fastest ? e % kChainChunk : e / p.tile_rows;
   }
-}
+
+  __device__ __forceinline__ void load(const FusedChainParams<scalar_t>& p, int64_t r0, int rows, int64_t k0,
+                                       bool want_x, bool want_w) {
+    const int64_t K = p.in_features;
+    if (want_x) {
+#pragma unroll
+      for (int j = 0; j < kXPerThread; ++j) {
+        const int e = threadIdx.x + j * kChainThreads;
+        int r = 0, k = 0;
+        x_coords(p, e, &r, &k);
+        x[j] = e < p.tile_rows * kChainChunk && r < rows && k0 + k < K ? static_cast<acc>(p.input.at(r0 + r, k0 + k))
+                                                                       : acc(0);
+      }
+    }
+    if (want_w) {
+      const int count = p.width[0] * kChainChunk;
+#pragma unroll
+      for (int j = 0; j < kWPerThread; ++j) {
+        const int e = threadIdx.x + j * kChainThreads;
+        const int n = e / kChainChunk, k = e % kChainChunk;
+        w[j] = e < count && k0 + k < K ? static_cast<acc>(p.weight[0][n * K + k0 + k]) : acc(0);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(const FusedChainParams<scalar_t>& p, acc* xs, acc* ws, bool want_x,
+                                        bool want_w) const {
+    if (want_x) {
+#pragma unroll
+      for (int j = 0; j < kXPerThread; ++j) {
+        const int e = threadIdx.x + j * kChainThreads;
+        int r = 0, k = 0;
+        x_coords(p, e, &r, &k);
+        if (e < p.tile_rows * kChainChunk) xs[r * kXPitch + k] = x[j];
+      }
+    }
+    if (want_w) {
+      const int count = p.width[0] * kChainChunk, pitch = pitch_of(p.width[0]);
+#pragma unroll
+      for (int j = 0; j < kWPerThread; ++j) {
+        const int e = threadIdx.x + j * kChainThreads;
+        if (e < count) ws[(e % kChainChunk) * pitch + e / kChainChunk] = w[j];
+      }
+    }
+  }
+};
 
 // act[0] = act(input tile . weight[0]^T + bias[0]), register micro-tiles.
 template <int kFirstWidth, typename scalar_t>
@@ -153,6 +212,7 @@ __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scala
   using acc = acc_t<scalar_t>;
   constexpr int kCols = kFirstWidth / kChainGridX;
   const int tx = threadIdx.x % kChainGridX, ty = threadIdx.x / kChainGridX;
+  const int row_steps = p.tile_rows / kChainGridY;  // rows of the tile this thread computes
   const int n0 = p.width[0], pitch = pitch_of(n0);
   acc* const xs = s + lay.x_tile;
   acc* const ws = s + lay.w_tile;
@@ -162,32 +222,36 @@ __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scala
 #pragma unroll
     for (int j = 0; j < kCols; ++j) sum[i][j] = acc(0);
 
+  ChunkStage<kFirstWidth, scalar_t> stage;
+  stage.load(p, r0, rows, 0, true, true);
   for (int64_t k0 = 0; k0 < p.in_features; k0 += kChainChunk) {
     __syncthreads();  // the buffers' previous contents are consumed
-    stage_input_chunk(p, xs, r0, rows, k0);
-    stage_weight_chunk(p, ws, k0);
+    stage.store(p, xs, ws, true, true);
     __syncthreads();
+    if (k0 + kChainChunk < p.in_features) stage.load(p, r0, rows, k0 + kChainChunk, true, true);
 #pragma unroll 4
     for (int k = 0; k < kChainChunk; ++k) {
       acc a[kChainRowsPerThread], b[kCols];
 #pragma unroll
-      for (int i = 0; i < kChainRowsPerThread; ++i) a[i] = xs[(ty + i * (kChainThreads / kChainGridX)) * kXPitch + k];
+      for (int i = 0; i < kChainRowsPerThread; ++i) a[i] = i < row_steps ? xs[(ty + i * kChainGridY) * kXPitch + k] : acc(0);
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
         const int n = tx + j * kChainGridX;
         b[j] = n < n0 ? ws[k * pitch + n] : acc(0);
       }
 #pragma unroll
-      for (int i = 0; i < kChainRowsPerThread; ++i)
+      for (int i = 0; i < kChainRowsPerThread; ++i) {
+        if (i >= row_steps) continue;
 #pragma unroll
         for (int j = 0; j < kCols; ++j) sum[i][j] += a[i] * b[j];
+      }
     }
   }
   acc* const out = s + lay.act[0];
   const bool relu = p.relu_after(0);
 #pragma unroll
   for (int i = 0; i < kChainRowsPerThread; ++i) {
-    const int r = ty + i * (kChainThreads / kChainGridX);
+    const int r = ty + i * kChainGridY;
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
       const int n = tx + j * kChainGridX;
@@ -226,7 +290,7 @@ __device__ __forceinline__ void hidden_layer_forward(const FusedChainParams<scal
 template <int kFirstWidth, typename scalar_t>
 __device__ __forceinline__ int tile_forward(const FusedChainParams<scalar_t>& p, const ChainSmemLayout& lay,
                                             acc_t<scalar_t>* s, int64_t r0) {
-  const int rows = static_cast<int>(p.batch - r0 < kChainRows ? p.batch - r0 : kChainRows);
+  const int rows = static_cast<int>(p.batch - r0 < p.tile_rows ? p.batch - r0 : p.tile_rows);
   first_layer_forward<kFirstWidth>(p, lay, s, r0, rows);
   for (int l = 1; l < p.layers; ++l) hidden_layer_forward(p, lay, s, l, rows);
   return rows;
@@ -318,11 +382,14 @@ __device__ __forceinline__ void first_layer_backward(const FusedChainParams<scal
   acc* const xs = s + lay.x_tile;
   acc* const ws = s + lay.w_tile;
   const int k = threadIdx.x % kChainChunk, group = threadIdx.x / kChainChunk;
+  // The weight gradient needs the input chunks again, the input gradient the weight's.
+  ChunkStage<kFirstWidth, scalar_t> stage;
+  stage.load(p, r0, rows, 0, want_w, want_x);
   for (int64_t k0 = 0; k0 < K; k0 += kChainChunk) {
     __syncthreads();  // the buffers' previous contents are consumed
-    if (want_w) stage_input_chunk(p, xs, r0, rows, k0);
-    if (want_x) stage_weight_chunk(p, ws, k0);
+    stage.store(p, xs, ws, want_w, want_x);
     __syncthreads();
+    if (k0 + kChainChunk < K) stage.load(p, r0, rows, k0 + kChainChunk, want_w, want_x);
     if (want_w && k0 + k < K) {
       // This thread owns gw[n][k0 + k] for n = group, group + kChainGroups, ...
       acc v[kOwned];
@@ -357,21 +424,21 @@ __device__ __forceinline__ void first_layer_backward(const FusedChainParams<scal
 // One block per grid slot walks the tiles blockIdx.x, blockIdx.x + gridDim.x, ...
 // partial: [gridDim.x, grad_offset[layers]] accumulators; loss_partial: [gridDim.x].
 template <typename scalar_t, int kFirstWidth>
-__global__ void __launch_bounds__(kChainThreads)
+__global__ void __launch_bounds__(kChainThreads, (chain_blocks_per_sm<scalar_t, kFirstWidth>()))
     fused_step_kernel(FusedChainParams<scalar_t> p, acc_t<scalar_t>* partial, acc_t<scalar_t>* loss_partial) {
   using acc = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   acc* const s = reinterpret_cast<acc*>(smem);
-  const ChainSmemLayout lay = chain_smem_layout(p);
+  const ChainSmemLayout& lay = p.smem;
   const int64_t total_grads = p.grad_offset[p.layers];
   acc* const block_partial = partial + static_cast<int64_t>(blockIdx.x) * total_grads;
   acc* const grads = p.grads_in_smem ? s + lay.grads : block_partial;
   for (int64_t i = threadIdx.x; i < total_grads; i += kChainThreads) grads[i] = acc(0);
 
   acc loss_sum = acc(0);
-  const int64_t tiles = (p.batch + kChainRows - 1) / kChainRows;
+  const int64_t tiles = ceil_div(p.batch, static_cast<int64_t>(p.tile_rows));
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t r0 = t * kChainRows;
+    const int64_t r0 = t * p.tile_rows;
     const int rows = tile_forward<kFirstWidth>(p, lay, s, r0);
     acc* g = s + lay.grad_a;
     acc* g_next = s + lay.grad_b;
@@ -423,14 +490,14 @@ __global__ void __launch_bounds__(kChainThreads) fused_step_finish_kernel(FusedC
 // The chain's forward alone (fastmlp::mlp_forward): the same tile walk, every
 // layer's activations written out for the backward.
 template <typename scalar_t, int kFirstWidth>
-__global__ void __launch_bounds__(kChainThreads) fused_forward_kernel(FusedChainParams<scalar_t> p) {
+__global__ void __launch_bounds__(kChainThreads, (chain_blocks_per_sm<scalar_t, kFirstWidth>())) fused_forward_kernel(FusedChainParams<scalar_t> p) {
   using acc = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   acc* const s = reinterpret_cast<acc*>(smem);
-  const ChainSmemLayout lay = chain_smem_layout(p);
-  const int64_t tiles = (p.batch + kChainRows - 1) / kChainRows;
+  const ChainSmemLayout& lay = p.smem;
+  const int64_t tiles = ceil_div(p.batch, static_cast<int64_t>(p.tile_rows));
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t r0 = t * kChainRows;
+    const int64_t r0 = t * p.tile_rows;
     const int rows = tile_forward<kFirstWidth>(p, lay, s, r0);
     for (int l = 0; l < p.layers; ++l) {
       const acc* const act = s + lay.act[l];
@@ -443,8 +510,6 @@ __global__ void __launch_bounds__(kChainThreads) fused_forward_kernel(FusedChain
   }
 }
 
-// Partial gradients up to this size cost next to nothing to write and sum.
-constexpr int64_t kSmallPartialBytes = 4 << 20;
 // The most workspace the partials may take (one block's worth at least).
 constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
 
@@ -466,11 +531,47 @@ template <typename scalar_t> size_t chain_smem_bytes(const FusedChainParams<scal
   return static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc_t<scalar_t>);
 }
 
+// The largest tile (64, 32 or 16 rows) that still gives the batch as many
+// tiles as the SMs, or as 16-row tiles would when the batch is smaller:
+// batch 64 runs as 4 tiles of 16, 2048 as 128, 12396 as 194 of 64 on 132 SMs.
+inline int chain_tile_rows(int64_t batch, int sm_count) {
+  const int64_t wanted = std::min<int64_t>(sm_count, ceil_div(batch, static_cast<int64_t>(kChainMinRows)));
+  int rows = kChainMaxRows;
+  while (rows > kChainMinRows && ceil_div(batch, static_cast<int64_t>(rows)) < wanted) rows /= 2;
+  return rows;
+}
+
+// Blocks of `smem_bytes` each that an SM holds at once, at most `by_registers`:
+// an SM has 1 KB more shared memory than a block may opt in to, and reserves
+// 1 KB per block.
+inline int64_t chain_resident_blocks(size_t smem_bytes, size_t smem_optin, int by_registers) {
+  const int64_t fit = static_cast<int64_t>((smem_optin + 1024) / (smem_bytes + 1024));
+  return std::clamp<int64_t>(fit, 1, by_registers);
+}
+
+template <typename scalar_t> int planned_blocks_per_sm(const FusedChainParams<scalar_t>& p) {
+  return p.width[0] <= kNarrowFirst ? chain_blocks_per_sm<scalar_t, kNarrowFirst>()
+                                    : chain_blocks_per_sm<scalar_t, kChainMaxWidth>();
+}
+
+// Sets p.tile_rows and p.smem (the layout for p.forward_only and
+// p.grads_in_smem): the planned tile, or a smaller one if its buffers do not
+// fit in `smem_optin` bytes. False when not even 16-row buffers fit.
+template <typename scalar_t> bool lay_out_chain(FusedChainParams<scalar_t>& p, int rows, size_t smem_optin) {
+  for (p.tile_rows = rows; p.tile_rows >= kChainMinRows; p.tile_rows /= 2) {
+    p.smem = chain_smem_layout(p);
+    if (chain_smem_bytes(p) <= smem_optin) return true;
+  }
+  return false;
+}
+
 // Whether the step kernel takes the chain, and how to launch it on a device
 // with `sm_count` SMs and `smem_optin` bytes of shared memory per block; lays
 // out the gradient slots (p.grad_offset, p.bias_offset: set the output
-// pointers first) and sets p.grads_in_smem. The block count depends only on the
-// shapes and the device, so the summation order is fixed for a given device.
+// pointers first), the tile and the shared memory (p.tile_rows, p.smem,
+// p.grads_in_smem). Grid: every tile its own block, up to what the SMs hold at
+// once. The plan depends only on the shapes and the device, so the summation
+// order is fixed for a given device.
 template <typename scalar_t>
 bool plan_fused_step(FusedChainParams<scalar_t>& p, int sm_count, size_t smem_optin, FusedChainPlan* plan) {
   using acc = acc_t<scalar_t>;
@@ -484,26 +585,20 @@ bool plan_fused_step(FusedChainParams<scalar_t>& p, int sm_count, size_t smem_op
   }
   p.grad_offset[p.layers] = offset;
   p.forward_only = false;
+  const int rows = chain_tile_rows(p.batch, sm_count);
   p.grads_in_smem = true;
-  size_t bytes = chain_smem_bytes(p);
-  if (bytes > smem_optin) {  // the accumulators go to the block's workspace slice
+  if (!lay_out_chain(p, rows, smem_optin) || p.tile_rows < rows) {
+    // The accumulators go to the block's workspace slice rather than shrink the tile.
     p.grads_in_smem = false;
-    bytes = chain_smem_bytes(p);
+    if (!lay_out_chain(p, rows, smem_optin)) return false;
   }
-  if (bytes > smem_optin) return false;
-  // One block per SM at most (the accumulators fill its shared memory), and,
-  // past a few MB of partials, no more than keep their traffic under half the
-  // input's.
-  const int64_t tiles = ceil_div(p.batch, kChainRows);
-  int64_t blocks = tiles < sm_count ? tiles : sm_count;
+  const int64_t tiles = ceil_div(p.batch, static_cast<int64_t>(p.tile_rows));
+  const size_t bytes = chain_smem_bytes(p);
+  int64_t blocks = std::min(tiles, chain_resident_blocks(bytes, smem_optin, planned_blocks_per_sm(p)) * sm_count);
+  // A very wide first layer: bound the workspace of the partials.
   const int64_t slots = offset > 0 ? offset : 1;  // none: the loss alone
-  const int64_t by_input = p.batch * p.in_features / (2 * slots);
-  const int64_t by_size = kSmallPartialBytes / (slots * static_cast<int64_t>(sizeof(acc)));
-  int64_t by_traffic = by_input > by_size ? by_input : by_size;
-  const int64_t by_memory = kMaxPartialBytes / (slots * static_cast<int64_t>(sizeof(acc)));
-  if (by_traffic > by_memory) by_traffic = by_memory;  // a very wide first layer: bound the workspace
-  if (blocks > by_traffic) blocks = by_traffic;
-  plan->blocks = static_cast<int>(blocks < 1 ? 1 : blocks);
+  blocks = std::min(blocks, std::max<int64_t>(1, kMaxPartialBytes / (slots * static_cast<int64_t>(sizeof(acc)))));
+  plan->blocks = static_cast<int>(blocks);
   plan->smem_bytes = bytes;
   return true;
 }
@@ -514,12 +609,11 @@ bool plan_fused_forward(FusedChainParams<scalar_t>& p, int sm_count, size_t smem
   if (!fused_chain_qualifies(p)) return false;
   p.forward_only = true;
   p.grads_in_smem = false;
-  const size_t bytes = chain_smem_bytes(p);
-  if (bytes > smem_optin) return false;
-  const int64_t tiles = ceil_div(p.batch, kChainRows);
+  if (!lay_out_chain(p, chain_tile_rows(p.batch, sm_count), smem_optin)) return false;
+  const int64_t tiles = ceil_div(p.batch, static_cast<int64_t>(p.tile_rows));
   const int64_t max_blocks = 8 * static_cast<int64_t>(sm_count);
   plan->blocks = static_cast<int>(tiles < max_blocks ? tiles : max_blocks);
-  plan->smem_bytes = bytes;
+  plan->smem_bytes = chain_smem_bytes(p);
   return true;
 }
 

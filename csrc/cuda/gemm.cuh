@@ -174,7 +174,7 @@ __global__ void gemm_reduce_splits_kernel(GemmParams<scalar_t> p, const acc_t<sc
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+FASTMLP_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Which GEMMs of a layer path run on cuBLAS (through ATen, cuda/layer_backend.cuh)
 // instead of gemm_kernel: every half / bf16 one (tensor cores; gemm_kernel
