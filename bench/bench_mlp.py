@@ -989,6 +989,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     results = run_suite(cfg, env, copy_bw)
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    if fastmlp is not None and fastmlp.autotune_enabled():
+        # FASTMLP_AUTOTUNE=1: what the first-use timings chose, with both candidates' times
+        meta["autotune_decisions"] = fastmlp.autotune_decisions()
+        print("autotune decisions (candidate 0: our kernel, 1: BLAS / cuBLAS / layer by layer):")
+        for line in meta["autotune_decisions"]:
+            print("  " + line)
     report = markdown_report(meta, results, cfg.variants)
     print("\n" + report)
     write_json(cfg.out, meta, results)

@@ -12,6 +12,8 @@
 #   info         python -m torch_fastmlp.info
 #   pytest-cuda  the CUDA tests (pytest -m cuda), interrupted at the budget (pytest then prints what ran)
 #   bench        classic workloads, float32 + bfloat16, every variant that runs on the GPU but torch.compile
+#   model        bench/perf_model.py --compare on the bench step's JSON: the H200 model's prediction next to
+#                every measured row it can match (bench/PERF_MODEL.md), in the log and the summary line
 #   memcheck     compute-sanitizer memcheck over SANITIZER_TESTS (below: they reach every CUDA kernel)
 #   racecheck    compute-sanitizer racecheck over the same tests
 #   bench-compile  torch.compile against eager: one batch size, so one compile per workload and dtype
@@ -30,7 +32,8 @@
 # Dry run (FASTMLP_GPU_CHECK_DRY_RUN=1, < 4 minutes, no GPU needed): uses the
 # extension already built here, runs info, the pytest selection (its CUDA cases
 # skip), the sanitizer test list without compute-sanitizer (proving the node ids
-# exist), the benchmarks (torch.compile's left out: a minute of CPU) and the ncu
+# exist), the benchmarks (torch.compile's left out: a minute of CPU), the model's
+# comparison with that CPU bench (mechanics only: its figures are an H200's) and the ncu
 # case on the CPU at tiny sizes, and reports the GPU-only parts as skipped; same
 # budgets logic, same $OUT handling.
 #
@@ -108,21 +111,21 @@ SANITIZER_TESTS=(
 export SANITIZER_TESTS_LIST="${SANITIZER_TESTS[*]}"
 
 # --- steps -----------------------------------------------------------------
-STEPS=(env build info pytest-cuda bench memcheck racecheck bench-compile ncu)
-declare -A BUDGET=([env]=30 [build]=300 [info]=40 [pytest-cuda]=120 [bench]=110 [memcheck]=100 [racecheck]=80
-    [bench-compile]=100 [ncu]=75)
+STEPS=(env build info pytest-cuda bench model memcheck racecheck bench-compile ncu)
+declare -A BUDGET=([env]=30 [build]=300 [info]=40 [pytest-cuda]=120 [bench]=110 [model]=10 [memcheck]=100
+    [racecheck]=80 [bench-compile]=100 [ncu]=75)
 # The least a step needs to be worth starting ...
-declare -A MIN=([env]=5 [build]=60 [info]=10 [pytest-cuda]=30 [bench]=45 [memcheck]=30 [racecheck]=25
+declare -A MIN=([env]=5 [build]=60 [info]=10 [pytest-cuda]=30 [bench]=45 [model]=3 [memcheck]=30 [racecheck]=25
     [bench-compile]=40 [ncu]=30)
 # ... and what the steps before it hold back for it (0: optional, runs on what is left).
-declare -A RESERVE=([env]=5 [build]=60 [info]=10 [pytest-cuda]=30 [bench]=45 [memcheck]=30 [racecheck]=25
-    [bench-compile]=0 [ncu]=0)
+declare -A RESERVE=([env]=5 [build]=60 [info]=10 [pytest-cuda]=30 [bench]=45 [model]=3 [memcheck]=30
+    [racecheck]=25 [bench-compile]=0 [ncu]=0)
 if [[ "$DRY_RUN" == 1 ]]; then
-    BUDGET=([env]=30 [build]=40 [info]=40 [pytest-cuda]=80 [bench]=80 [memcheck]=60 [racecheck]=20
+    BUDGET=([env]=30 [build]=40 [info]=40 [pytest-cuda]=80 [bench]=80 [model]=10 [memcheck]=60 [racecheck]=20
         [bench-compile]=45 [ncu]=40)
-    MIN=([env]=3 [build]=5 [info]=5 [pytest-cuda]=10 [bench]=10 [memcheck]=10 [racecheck]=3
+    MIN=([env]=3 [build]=5 [info]=5 [pytest-cuda]=10 [bench]=10 [model]=3 [memcheck]=10 [racecheck]=3
         [bench-compile]=10 [ncu]=5)
-    RESERVE=([env]=3 [build]=5 [info]=5 [pytest-cuda]=10 [bench]=10 [memcheck]=10 [racecheck]=3
+    RESERVE=([env]=3 [build]=5 [info]=5 [pytest-cuda]=10 [bench]=10 [model]=3 [memcheck]=10 [racecheck]=3
         [bench-compile]=0 [ncu]=5)
 fi
 IFS=',' read -r -a _overrides <<<"${GPU_CHECK_BUDGETS:-}"
@@ -301,10 +304,25 @@ bench_step() {
             --out "$WORK/bench-cpu.json" --no-plot
         return
     fi
+    # FASTMLP_AUTOTUNE=1: the first call of each shape times the fused chain against the layer path
+    # (cuBLAS); bench_mlp prints the decisions with both times (the heuristic's threshold to check)
     # shellcheck disable=SC2086
-    "$PYTHON" -m bench.bench_mlp --device cuda --workloads 784-30-1,1000-100-10 --batch-sizes 64,2048,12396,65536 \
+    FASTMLP_AUTOTUNE=1 "$PYTHON" -m bench.bench_mlp --device cuda --workloads 784-30-1,1000-100-10 \
+        --batch-sizes 64,2048,12396,65536 \
         --dtypes float32,bfloat16 $args --min-run-time 0.1 --rounds 2 --warmup 3 \
         --out "$WORK/bench-cuda.json" --no-plot
+}
+
+model_step() {
+    # Standard library only (no torch, no GPU): the same on the lent machine and in the dry run,
+    # where the JSON is the CPU rehearsal's (the comparison then says its ratios mean nothing).
+    local json="$WORK/bench-$DEVICE.json"
+    if [[ ! -f "$json" ]]; then
+        echo "skip: no bench JSON to compare (the bench step wrote none); the model's table instead"
+        "$PYTHON" -m bench.perf_model
+        return
+    fi
+    "$PYTHON" -m bench.perf_model --compare "$json"
 }
 
 bench_compile_step() {
@@ -336,7 +354,8 @@ ncu_step() {
 }
 
 export CORES
-export -f env_step build_step info_step pytest_step sanitizer_step bench_args bench_step bench_compile_step ncu_step
+export -f env_step build_step info_step pytest_step sanitizer_step bench_args bench_step model_step bench_compile_step \
+    ncu_step
 
 # --- the run ---------------------------------------------------------------
 COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -355,6 +374,7 @@ run_step build build_step
 run_step info info_step
 run_step pytest-cuda pytest_step
 run_step bench bench_step
+run_step model model_step
 for tool in memcheck racecheck; do
     if [[ "$DRY_RUN" == 1 || -n "$(command -v compute-sanitizer)" ]]; then
         run_step "$tool" sanitizer_step "$tool"

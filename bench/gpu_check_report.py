@@ -7,7 +7,7 @@ is written even when torch or the extension cannot be imported.
 
     python -m bench.gpu_check_report phases fwd,fwdbwd,step,train,epoch
     python -m bench.gpu_check_report variants eager,fastmlp,fastmlp-fused
-    python -m bench.gpu_check_report keys STEP LOG [JSON]
+    python -m bench.gpu_check_report keys STEP LOG [JSON]     (model: the perf_model comparison's summary line)
     python -m bench.gpu_check_report summary STEPS_TSV SUMMARY_MD [--title T] [--files DIR]
 """
 
@@ -126,9 +126,21 @@ def ncu_keys(text: str) -> str:
     return "; ".join(cells)
 
 
+def model_keys(text: str) -> str:
+    """The model step's figures: ``bench.perf_model --compare``'s last ``model vs measured: ...``
+    line (rows matched, measured over predicted), else what its log says went wrong."""
+    m = _last_match(r"^model vs measured: (.*)$", text)
+    if m:
+        return m.group(1).strip()
+    err = _last_match(r"^error: (.*)$", text)
+    return f"no comparison: {err.group(1).strip()}" if err else "no comparison in the log"
+
+
 def keys(step: str, log: Path, json_path: Path | None = None) -> str:
     """The key figures of one step, from its log (and JSON for the bench steps)."""
     text = log.read_text(errors="replace") if log.is_file() else ""
+    if step == "model":
+        return model_keys(text)
     if step.startswith("bench"):
         return bench_keys(text, json_path)
     if step.startswith("sanitizer") or step in ("memcheck", "racecheck"):

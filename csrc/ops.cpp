@@ -4,16 +4,62 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "common/autotune.h"
 #include "cpu/simd.h"
 
 #ifndef FASTMLP_CUDA_ARCHS
 #define FASTMLP_CUDA_ARCHS ""
 #endif
 
+namespace {
+
+// torch_fastmlp.autotune's controls of common/autotune.h.
+PyObject* set_autotune(PyObject*, PyObject* arg) {
+  const long mode = PyLong_AsLong(arg);
+  if (mode == -1 && PyErr_Occurred()) return nullptr;
+  fastmlp::Autotuner::instance().set_mode(static_cast<int>(mode));
+  Py_RETURN_NONE;
+}
+
+PyObject* autotune_enabled(PyObject*, PyObject*) { return PyBool_FromLong(fastmlp::Autotuner::instance().enabled()); }
+
+PyObject* autotune_decisions(PyObject*, PyObject*) {
+  const std::vector<std::string> lines = fastmlp::Autotuner::instance().describe();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(lines.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    PyObject* line = PyUnicode_FromString(lines[i].c_str());
+    if (line == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), line);
+  }
+  return list;
+}
+
+PyObject* clear_autotune(PyObject*, PyObject*) {
+  fastmlp::Autotuner::instance().clear();
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"set_autotune", set_autotune, METH_O, "1: time candidates at first use, 0: heuristic, -1: FASTMLP_AUTOTUNE"},
+    {"autotune_enabled", autotune_enabled, METH_NOARGS, "whether first-use timing decides now"},
+    {"autotune_decisions", autotune_decisions, METH_NOARGS, "the cached decisions, one line each"},
+    {"clear_autotune", clear_autotune, METH_NOARGS, "forget the cached decisions"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 // Importing torch_fastmlp._C runs the static registrations below; the module
-// itself only reports how it was built.
+// itself reports how it was built and holds the autotuner's controls.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
 #ifdef FASTMLP_WITH_CUDA

@@ -829,6 +829,23 @@ def test_fused_plan_tiles_and_placement(emu: Any) -> None:
     assert fused_plan(emu, 70000, [784, 30, 1], forward=True)[:2] == (64, 1056)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", [*CLASSIC_CHAINS, [40, 16, 3], [20, 128, 128, 2], [256, *[128] * 8], [700, 33, 5]])
+def test_perf_model_mirrors_the_planner(emu: Any, sizes: list[int], dtype: torch.dtype) -> None:
+    """bench/perf_model.py's fused_step_plan is plan_fused_step's rule in Python."""
+    from bench import perf_model as pm
+
+    for batch in (1, 15, 64, 100, 2048, 4224, 5000, 12396, 70000):
+        for sm_count, smem_optin in ((SM_COUNT, H100_SMEM_OPTIN), (4, H100_SMEM_OPTIN), (108, 163 * 1024)):
+            plan = pm.fused_step_plan(batch, sizes[0], sizes[1:], dtype.itemsize, sm_count, smem_optin)
+            got = fused_plan(emu, batch, sizes, dtype, sm_count=sm_count, smem_optin=smem_optin)
+            if plan.blocks == 0:
+                assert got[1] == 0, (batch, sm_count, got)
+                continue
+            want = (plan.tile_rows, plan.blocks, int(plan.grads_in_smem), plan.smem_bytes)
+            assert got == want, (batch, sm_count, smem_optin)
+
+
 def test_fused_step_places_the_gradients_as_planned(emu: Any) -> None:
     x, y, weights, biases = step_inputs(torch.float32, 100, [784, 30, 1], seed=1)
     *_, blocks, in_smem = run_step(emu, x, y, weights, biases)

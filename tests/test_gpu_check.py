@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:  # bench/ is no installed package: `pytest tests` 
 from bench import gpu_check_report as report  # noqa: E402
 
 SCRIPT = REPO / "bench" / "gpu_check.sh"
-STEPS = ["env", "build", "info", "pytest-cuda", "bench", "memcheck", "racecheck", "bench-compile", "ncu"]
+STEPS = ["env", "build", "info", "pytest-cuda", "bench", "model", "memcheck", "racecheck", "bench-compile", "ncu"]
 DRY_RUN_LIMIT_S = 240  # the bound for the rehearsal
 DryRun = tuple[subprocess.CompletedProcess[str], float, Path]
 
@@ -98,6 +98,7 @@ def test_dry_run_ends_with_the_summary_table(dry_run: DryRun) -> None:
         "info": "ok",
         "pytest-cuda": "ok",
         "bench": "ok",
+        "model": "ok",
         "memcheck": "skipped",
         "racecheck": "skipped",
         "bench-compile": "skipped",
@@ -109,6 +110,8 @@ def test_dry_run_ends_with_the_summary_table(dry_run: DryRun) -> None:
     assert "CUDA kernels:" in keys["info"]
     assert re.search(r"\d+ (skipped|deselected)", keys["pytest-cuda"]), keys["pytest-cuda"]
     assert "fastmlp-fused" in keys["bench"] and "0 mismatches" in keys["bench"], keys["bench"]
+    # the model step compared the CPU rehearsal's bench JSON with the H200 model, and says what that is worth
+    assert re.search(r"NOT AN H200, ratios meaningless; [1-9]\d* rows matched", keys["model"]), keys["model"]
     n_ids = len(sanitizer_tests())
     assert f"the {n_ids} test ids were run without it" in keys["memcheck"]
     assert f"{n_ids} skipped" in keys["memcheck"]  # pytest ran them: each a CUDA case, skipped here
@@ -211,6 +214,16 @@ def test_report_ncu_keys_from_csv() -> None:
     keys = report.ncu_keys(csv_text)
     assert "fastmlp::cuda::fused_step_kernel: duration 41.3 us, dram 71 %" in keys, keys
     assert "gemm_kernel: duration 9.5 us" in keys and "Registers" not in keys
+
+
+def test_report_model_keys() -> None:
+    log = "$ model_step\n# Performance model ...\n| a | b |\nmodel vs measured: 12 rows matched, geomean 1.10x\n"
+    assert report.model_keys(log) == "12 rows matched, geomean 1.10x"
+    assert (
+        report.model_keys("error: --compare x.json: no 'results' list\n")
+        == "no comparison: --compare x.json: no 'results' list"
+    )
+    assert report.model_keys("") == "no comparison in the log"
 
 
 def test_report_out_problems(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from .modules import (
     fuse,
 )
 from .train import TrainStep
+from .tuning import autotune, autotune_decisions, autotune_enabled, clear_autotune
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,10 @@ __all__ = [
     "Sequential",
     "TrainStep",
     "WITH_CUDA",
+    "autotune",
+    "autotune_decisions",
+    "autotune_enabled",
+    "clear_autotune",
     "functional",
     "fuse",
 ]

@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/autotune.h"
 #include "common/math.h"
 #include "cpu/narrow_gemm.h"
 
@@ -49,15 +50,20 @@ inline void bias_act_(at::Tensor& out, const c10::optional<at::Tensor>& bias, bo
 inline void linear_act_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                             const c10::optional<at::Tensor>& bias, bool relu) {
   const bool has_bias = bias.has_value() && bias->defined();
-  if (narrow_eligible(x, w.size(0), kNarrowForwardMax)) {
-    const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const auto blas = [&] {
+    at::mm_out(out, x, w.t());
+    bias_act_(out, bias, relu);
+  };
+  if (!narrow_eligible(x, w.size(0), kNarrowForwardMax)) return blas();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const auto narrow = [&] {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_narrow_forward", [&] {
       narrow_forward<scalar_t>(x, w, has_bias ? b.const_data_ptr<scalar_t>() : nullptr, relu, out);
     });
-    return;
-  }
-  at::mm_out(out, x, w.t());
-  bias_act_(out, bias, relu);
+  };
+  // The narrow kernels unless a first-use timing found BLAS faster (common/autotune.h).
+  Autotuner::instance().run([&] { return autotune_key("cpu_linear_act", {x.size(0), x.size(1), w.size(0)}, x); },
+                            0, narrow, blas);
 }
 
 // One row of mask_and_colsum, one loop per case so each vectorises: m = g
@@ -136,8 +142,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_backward(
   at::Tensor grad_w;
   if (want_weight && narrow_eligible(x, n)) {
     grad_w = at::empty({n, x.size(1)}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_narrow_weight_grad",
-                               [&] { narrow_weight_grad<scalar_t>(x, g, grad_w); });
+    const auto narrow = [&] {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmlp_narrow_weight_grad",
+                                 [&] { narrow_weight_grad<scalar_t>(x, g, grad_w); });
+    };
+    const auto blas = [&] { at::mm_out(grad_w, g.t(), x); };
+    Autotuner::instance().run([&] { return autotune_key("cpu_weight_grad", {x.size(0), x.size(1), n}, x); }, 0, narrow,
+                              blas);
   } else if (want_weight) {
     grad_w = at::mm(g.t(), x);
   }

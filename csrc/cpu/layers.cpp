@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "common/autotune.h"
 #include "common/layer_ops.h"
 #include "cpu/layer_backend.h"
 #include "cpu/narrow_step.h"
@@ -23,12 +24,10 @@ bool narrow_chain(const at::Tensor& input, at::TensorList weights) {
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor> mlp_forward(const at::Tensor& input, at::TensorList weights,
-                                               const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu) {
-  check_mlp_args(input, weights, biases);
-  if (!narrow_chain(input, weights)) {
-    return Layers::mlp_forward(input, weights, biases, last_relu);
-  }
+// The narrow chain's forward, tile by tile through every layer.
+std::tuple<at::Tensor, at::Tensor> narrow_mlp_forward(const at::Tensor& input, at::TensorList weights,
+                                                      const c10::List<c10::optional<at::Tensor>>& biases,
+                                                      bool last_relu) {
   BelowAutograd below_autograd;
   const int64_t batch = input.size(0);
   const std::vector<int64_t> offsets = hidden_offsets(batch, weights);
@@ -57,15 +56,26 @@ std::tuple<at::Tensor, at::Tensor> mlp_forward(const at::Tensor& input, at::Tens
   return {output, hidden};
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, const at::Tensor& hidden,
-    const c10::optional<at::Tensor>& output, bool last_relu, bool input_grad, const c10::List<bool>& weight_mask,
-    const c10::List<bool>& bias_mask) {
-  Layers::check_mlp_backward_args(grad_output, input, weights, hidden, output, last_relu, weight_mask, bias_mask);
-  if (!row_partials_eligible(input, weights)) {
-    return Layers::mlp_backward(grad_output, input, weights, hidden, output, last_relu, input_grad, weight_mask,
-                                bias_mask);
-  }
+// A narrow chain: tile by tile, unless a first-use timing found the layer by
+// layer path (BLAS or narrow kernels, each layer's own decision) faster.
+std::tuple<at::Tensor, at::Tensor> mlp_forward(const at::Tensor& input, at::TensorList weights,
+                                               const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu) {
+  check_mlp_args(input, weights, biases);
+  if (!narrow_chain(input, weights)) return Layers::mlp_forward(input, weights, biases, last_relu);
+  std::tuple<at::Tensor, at::Tensor> result;
+  Autotuner::instance().run([&] { return chain_autotune_key("cpu_mlp_forward", input, weights); }, 0,
+                            [&] { result = narrow_mlp_forward(input, weights, biases, last_relu); },
+                            [&] { result = Layers::mlp_forward(input, weights, biases, last_relu); });
+  return result;
+}
+
+using MlpGradients = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// A small batch's backward as row partials in one parallel region.
+MlpGradients row_partials_backward(const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights,
+                                   const at::Tensor& hidden, const c10::optional<at::Tensor>& output, bool last_relu,
+                                   bool input_grad, const c10::List<bool>& weight_mask,
+                                   const c10::List<bool>& bias_mask) {
   BelowAutograd below_autograd;
   // The backward reads no bias (a bias gradient is a column sum).
   const c10::List<c10::optional<at::Tensor>> no_biases(std::vector<c10::optional<at::Tensor>>(weights.size()));
@@ -84,6 +94,29 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     narrow_backward(chain, saved, gw, gb);
   });
   return t.gradients();
+}
+
+// A small batch of a narrow chain: row partials, unless a first-use timing
+// found the layer by layer path faster.
+MlpGradients mlp_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, at::TensorList weights, const at::Tensor& hidden,
+    const c10::optional<at::Tensor>& output, bool last_relu, bool input_grad, const c10::List<bool>& weight_mask,
+    const c10::List<bool>& bias_mask) {
+  Layers::check_mlp_backward_args(grad_output, input, weights, hidden, output, last_relu, weight_mask, bias_mask);
+  const auto by_layer = [&] {
+    return Layers::mlp_backward(grad_output, input, weights, hidden, output, last_relu, input_grad, weight_mask,
+                                bias_mask);
+  };
+  if (!row_partials_eligible(input, weights)) return by_layer();
+  MlpGradients result;
+  Autotuner::instance().run(
+      [&] { return chain_autotune_key("cpu_mlp_backward", input, weights); }, 0,
+      [&] {
+        result = row_partials_backward(grad_output, input, weights, hidden, output, last_relu, input_grad, weight_mask,
+                                       bias_mask);
+      },
+      [&] { result = by_layer(); });
+  return result;
 }
 
 }  // namespace

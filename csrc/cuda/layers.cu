@@ -1,9 +1,11 @@
 // Registers the CUDA kernels of the Linear(+ReLU) ops. A narrow chain's forward
-// runs as one fused kernel (cuda/fused_chain.cuh); everything else, and every
-// backward, runs layer by layer on the tiled GEMM.
+// runs as one fused kernel (cuda/fused_chain.cuh) unless its first layer is big
+// enough for cuBLAS (cuda/fused_or_layered.cuh); everything else, and every
+// backward, runs layer by layer (cuBLAS or the tiled GEMM, gemm_on_cublas).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "cuda/fused_or_layered.cuh"
 #include "cuda/kernel_params.h"
 #include "cuda/layer_backend.cuh"
 
@@ -24,18 +26,23 @@ std::tuple<at::Tensor, at::Tensor> mlp_forward(const at::Tensor& input, at::Tens
   at::Tensor hidden = at::empty({offsets.back()}, input.options());
   at::Tensor output = at::empty({batch, weights.back().size(0)}, input.options());
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  bool fused = false;
+  std::tuple<at::Tensor, at::Tensor> result;
+  bool planned = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastmlp_mlp_forward_cuda", [&] {
     FusedChainParams<scalar_t> p = fused_chain_params_of<scalar_t>(input, chain, last_relu);
     FusedChainPlan plan;
     if (!plan_fused_forward(p, props->multiProcessorCount, props->sharedMemPerBlockOptin, &plan)) return;
-    fused = true;
+    planned = true;
     for (int l = 0; l + 1 < p.layers; ++l) p.activation[l] = hidden.data_ptr<scalar_t>() + offsets[l];
     p.activation[p.layers - 1] = output.data_ptr<scalar_t>();
-    launch_fused_forward(p, plan, at::cuda::getCurrentCUDAStream());
+    const auto fused = [&] {
+      launch_fused_forward(p, plan, at::cuda::getCurrentCUDAStream());
+      result = {output, hidden};
+    };
+    run_fused_or_layered("cuda_mlp_forward", input, weights, fused,
+                         [&] { result = Layers::mlp_forward(input, weights, biases, last_relu); });
   });
-  if (!fused) return Layers::mlp_forward(input, weights, biases, last_relu);
-  return {output, hidden};
+  return planned ? result : Layers::mlp_forward(input, weights, biases, last_relu);
 }
 
 }  // namespace

@@ -3,15 +3,17 @@
 //
 // BCE on a narrow chain (cuda/fused_chain.cuh: at most kChainMaxLayers layers,
 // each at most kChainMaxWidth wide) runs as one fused kernel plus a
-// deterministic reduction of the per-block gradients; anything else (the MSE
-// and cross-entropy losses included) composes the per-layer GEMMs and the
-// loss's kernel.
+// deterministic reduction of the per-block gradients, unless its first layer is
+// big enough for cuBLAS (cuda/fused_or_layered.cuh); anything else (the MSE and
+// cross-entropy losses included) composes the per-layer GEMMs and the loss's
+// kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
 #include "common/mlp_loss_ops.h"
 #include "cuda/bce_backend.cuh"
+#include "cuda/fused_or_layered.cuh"
 #include "cuda/kernel_params.h"
 #include "cuda/layer_backend.cuh"
 #include "cuda/loss_backend.cuh"
@@ -50,8 +52,11 @@ StepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::Tens
   const ContiguousChain chain(weights, biases);
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
 
+  const auto layered = [&] {
+    return Generic::step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
+  };
   StepResult result;
-  bool fused = false;
+  bool planned = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastmlp_mlp_bce_step_cuda", [&] {
     using acc = acc_t<scalar_t>;
     FusedChainParams<scalar_t> p = fused_step_params_of<scalar_t>(input, y, chain, last_relu, lw, pw, reduction);
@@ -62,16 +67,16 @@ StepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::Tens
                                             });
     FusedChainPlan plan;
     if (!plan_fused_step(p, props->multiProcessorCount, props->sharedMemPerBlockOptin, &plan)) return;
-    fused = true;
-    result = {o.loss, o.grad_input, o.grad_weight, o.grad_bias};
-    at::Tensor workspace = at::empty({fused_step_workspace_elems(p, plan.blocks)},
-                                     input.options().dtype(c10::CppTypeToScalarType<acc>::value));
-    launch_fused_step(p, plan, workspace.data_ptr<acc>(), at::cuda::getCurrentCUDAStream());
+    planned = true;
+    const auto fused = [&] {
+      at::Tensor workspace = at::empty({fused_step_workspace_elems(p, plan.blocks)},
+                                       input.options().dtype(c10::CppTypeToScalarType<acc>::value));
+      launch_fused_step(p, plan, workspace.data_ptr<acc>(), at::cuda::getCurrentCUDAStream());
+      result = {o.loss, o.grad_input, o.grad_weight, o.grad_bias};
+    };
+    run_fused_or_layered("cuda_bce_step", input, weights, fused, [&] { result = layered(); });
   });
-  if (!fused) {
-    return Generic::step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
-  }
-  return result;
+  return planned ? result : layered();
 }
 
 }  // namespace

@@ -1,0 +1,62 @@
+// The choice between the fused chain kernel and the layer path (cuBLAS GEMMs
+// through ATen, or gemm_kernel) for a narrow chain on CUDA.
+//
+// Heuristic: the fused kernel while the first layer's GEMM is below
+// kCublasMinMacs multiply-adds (launches dominate there, and the fused kernel
+// is one or two of them), the layer path above (cuBLAS's GEMMs beat the fused
+// kernel's SIMT tiles: on an H200 784-30-1 at 12396 rows is ~290M of them).
+// With autotuning on (common/autotune.h) the first call of a shape times both
+// with CUDA events on the current stream instead, except while a CUDA graph is
+// being captured (the timing synchronizes): then the heuristic decides.
+// Host code, nvcc only.
+#pragma once
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <functional>
+
+#include "common/autotune.h"
+#include "cuda/gemm.cuh"
+
+namespace fastmlp::cuda {
+
+// Seconds `fn`'s launches take on the current stream (the runtime's events:
+// the same code under torch 2.11 to 2.14).
+inline double cuda_event_seconds(const std::function<void()>& fn) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaEvent_t start = nullptr, stop = nullptr;
+  C10_CUDA_CHECK(cudaEventCreate(&start));
+  C10_CUDA_CHECK(cudaEventCreate(&stop));
+  float ms = 0;
+  C10_CUDA_CHECK(cudaEventRecord(start, stream));
+  fn();
+  C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+  C10_CUDA_CHECK(cudaEventSynchronize(stop));
+  C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  C10_CUDA_CHECK(cudaEventDestroy(start));
+  C10_CUDA_CHECK(cudaEventDestroy(stop));
+  return static_cast<double>(ms) / 1e3;
+}
+
+// Runs `fused` or `layered` for the chain; returns 0 for fused, 1 for layered.
+template <class Fused, class Layered>
+int run_fused_or_layered(const char* op, const at::Tensor& input, at::TensorList weights, const Fused& fused,
+                         const Layered& layered) {
+  const double first_layer_macs = static_cast<double>(input.size(0)) * static_cast<double>(input.size(1)) *
+                                  static_cast<double>(weights[0].size(0));
+  const int heuristic = first_layer_macs < static_cast<double>(kCublasMinMacs) ? 0 : 1;
+  if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
+    if (heuristic == 0) {
+      fused();
+    } else {
+      layered();
+    }
+    return heuristic;
+  }
+  return Autotuner::instance().run([&] { return chain_autotune_key(op, input, weights); }, heuristic, fused, layered,
+                                   cuda_event_seconds);
+}
+
+}  // namespace fastmlp::cuda
