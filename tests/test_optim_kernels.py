@@ -93,6 +93,44 @@ def test_cuda_kernel_in_harness_matches_torch(emu: Any, name: str, dtype: torch.
     assert_same(got, expected, dtype)
 
 
+ADAMS = [name for name in OPTIMIZERS if name.startswith("adam")]
+
+
+@pytest.mark.parametrize("step_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ADAMS)
+def test_device_step_counts_in_harness(
+    emu: Any,  # noqa: F811
+    name: str,
+    dtype: torch.dtype,
+    clip: float | None,
+    step_dtype: torch.dtype,
+) -> None:
+    """Adam's step count kept on the device (capturable=True, fused=True on CUDA): the kernels
+    advance it and compute the bias corrections from it, with the host path's results (the same
+    double math) and torch's; one launch more (the count), nothing read on the host."""
+
+    def device_steps(params, grads, state, optimizer, hyper, max_norm):  # noqa: ANN001, ANN202
+        steps = state[0::4]
+        for i, t in enumerate(steps):
+            state[4 * i] = t.to(step_dtype)
+        before = [float(t) for t in steps]
+        launches = emu.stats()[1]
+        emu.optimizer_step_device_steps(params, grads, state, optimizer, hyper, max_norm)
+        assert emu.stats()[1] - launches == (2 if max_norm is None else 4)
+        assert [float(t) for t in state[0::4]] == [b + 1 for b in before]
+        for i, t in enumerate(steps):  # back into torch's state, in its dtype
+            t.copy_(state[4 * i])
+
+    expected = train(OPTIMIZERS[name], dtype, clip, None, steps=3)
+    host = train(OPTIMIZERS[name], dtype, clip, emu.optimizer_step, steps=3)
+    got = train(OPTIMIZERS[name], dtype, clip, device_steps, steps=3)
+    assert_same(got, expected, dtype)
+    for a, b in zip(got[0] + got[1], host[0] + host[1], strict=True):
+        assert torch.equal(a, b)  # the same double math, on the host or in the kernel
+
+
 def test_bad_arguments_raise() -> None:
     p = torch.zeros(3)
     ok = [torch.tensor(1.0), torch.zeros(3), torch.zeros(3), torch.empty(0)]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import reference_mlp
+from conftest import CUDA_OK, reference_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -554,3 +554,54 @@ def test_epoch_callback_on_the_dataloader_path_and_bad_every() -> None:
     assert calls == [(3, 3), (6, 3), (8, 2)] and losses.shape == (8,)
     with pytest.raises(ValueError, match="callback_every should be a positive integer"):
         step.epoch(x, y, 4, callback=print, callback_every=0)
+
+
+GRAPH_OPTIMIZERS: dict[str, OptFactory] = {
+    "sgd": OPTIMIZERS["sgd-dampening-wd"],
+    "adam-capturable": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.01, amsgrad=True, capturable=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and a build with the CUDA kernels")
+@pytest.mark.parametrize("opt_name", list(GRAPH_OPTIMIZERS))
+@pytest.mark.parametrize("loss_name", ["bce", "mse"])
+def test_step_captured_in_a_cuda_graph(loss_name: str, opt_name: str) -> None:
+    """With SGD, or Adam keeping its step count on the GPU (capturable=True, fused=True), a
+    TrainStep runs its fused op under torch.cuda.graph capture (the kernels advance the count);
+    replaying the graph trains as the eager loop does, step after step."""
+    sizes = [784, 30, 1]
+    ref = reference_mlp(sizes).cuda()
+    model = torch_fastmlp.Sequential(*copy.deepcopy(list(ref)))
+    make = GRAPH_OPTIMIZERS[opt_name]
+    ref_opt, opt = make(list(ref.parameters())), make(list(model.parameters()))
+    loss_fn = nn.BCEWithLogitsLoss() if loss_name == "bce" else nn.MSELoss()
+    step = TrainStep(model, loss_fn, opt, max_grad_norm=0.5)
+    batches = [tuple(t.cuda() for t in data(256, sizes, seed=i)) for i in range(6)]
+    static_x, static_y = (t.clone() for t in batches[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graph asks (it makes the state)
+        for x, y in batches[:2]:
+            torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y, clip=0.5))
+    torch.cuda.current_stream().wait_stream(side)
+    counter = EagerCounter(step)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(static_x, static_y)
+    assert counter.calls == 0  # the fused op was captured
+    for x, y in batches[2:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        expected = eager_step(ref, loss_fn, ref_opt, x, y, clip=0.5)
+        torch.testing.assert_close(static_loss, expected, rtol=2e-5, atol=2e-6)
+    assert_same_training(ref, ref_opt, step)
+
+
+def test_capturable_adam_off_the_gpu_raises_as_torch() -> None:
+    _, _, step = twins([10, 8, 1], lambda p: torch.optim.Adam(p, capturable=True))
+    x, y = data(16, [10, 8, 1])
+    with pytest.raises(AssertionError, match="capturable=True"):
+        step(x, y)

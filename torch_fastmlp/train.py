@@ -49,7 +49,7 @@ def _sgd_hyper(group: dict[str, Any]) -> tuple[float, ...] | None:
 def _adam_hyper(group: dict[str, Any]) -> tuple[float, ...] | None:
     """The 8 values per parameter the op takes for Adam / AdamW, or None."""
     lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if group.get("differentiable") or group.get("capturable"):
+    if group.get("differentiable"):
         return None
     if not (_is_number(lr) and _is_number(eps) and _is_number(wd) and len(betas) == 2):
         return None
@@ -396,10 +396,10 @@ class TrainStep:
         # Eager would fill input.grad, or fail in backward without grad mode.
         if input.requires_grad or not torch.is_grad_enabled():  # type: ignore[union-attr]
             return None
-        if input.is_cuda and not self._cuda_ok(input):  # type: ignore[union-attr]
-            return None
         kind = _optimizer_kind(self.optimizer)
         if kind is None or _optimizer_hooked(self.optimizer):
+            return None
+        if input.is_cuda and not self._cuda_ok():  # type: ignore[union-attr]
             return None
         if self.max_grad_norm is not None and not _is_number(self.max_grad_norm):
             return None
@@ -415,13 +415,11 @@ class TrainStep:
         return plan
 
     @staticmethod
-    def _cuda_ok(input: torch.Tensor) -> bool:
-        """The CUDA kernels are built, and no CUDA graph is being captured: the
-        step count is torch's CPU scalar, read on the host, so a captured step
-        would replay stale bias corrections (the eager lines raise torch's error
-        for capturable=False, or run the capturable optimizer)."""
-        if torch.cuda.is_current_stream_capturing():
-            return False
+    def _cuda_ok() -> bool:
+        """The CUDA kernels are built. Under CUDA graph capture the hyper-parameters
+        are baked in, as torch's own optimizers bake a float lr; Adam's step count
+        must then be on the device (capturable=True or fused=True: the kernels
+        advance it), which _plan_params checks."""
         return torch._C._dispatch_has_kernel_for_dispatch_key("fastmlp::optimizer_step", "CUDA")
 
     def _loss_kind(self, input: Any, target: object, chain: _Chain) -> int | None:
@@ -487,7 +485,7 @@ class TrainStep:
                         continue
                     m, v = state.get("exp_avg"), state.get("exp_avg_sq")
                     vmax = state.get("max_exp_avg_sq") if hyper[5] else empty
-                    if not (type(step) is torch.Tensor and step.is_cpu) or m is None or v is None or vmax is None:
+                    if not self._step_count_ok(step, p, group) or m is None or v is None or vmax is None:
                         return False
                     if m.dtype is not dtype or v.dtype is not dtype or (vmax is not empty and vmax.dtype is not dtype):
                         return False
@@ -505,6 +503,19 @@ class TrainStep:
                 plan.trainable.append(p)
                 plan.hyper += hyper
         return True
+
+    @staticmethod
+    def _step_count_ok(step: object, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Adam's ``state["step"]`` as the op takes it: torch's CPU scalar
+        (capturable=False; not while a CUDA graph is captured: a replay would
+        reuse its bias corrections), or a 0-dim tensor on the parameter's GPU
+        (capturable=True, fused=True), which the CUDA kernels advance. A
+        capturable group off the GPU runs the eager lines (torch's error)."""
+        if type(step) is not torch.Tensor or step.dim() != 0:
+            return False
+        if step.is_cpu:
+            return not group.get("capturable") and not (p.is_cuda and torch.cuda.is_current_stream_capturing())
+        return p.is_cuda and step.device == p.device
 
     def _empty(self, like: torch.Tensor) -> torch.Tensor:
         """A 0-element tensor of ``like``'s dtype and device: the op's "no state" entry."""

@@ -64,8 +64,10 @@ class Autotuner {
   // times timed (the fastest run counts; the heuristic's choice stands unless
   // the other is kMargin faster), the winner run last so its outputs are the
   // ones left.
+  // `may_time` false (a CUDA graph being captured): a cached decision, else the heuristic.
   template <class KeyFn, class First, class Second>
-  int run(const KeyFn& key, int heuristic, const First& first, const Second& second, const Timer& timer = wall_clock) {
+  int run(const KeyFn& key, int heuristic, const First& first, const Second& second, const Timer& timer = wall_clock,
+          bool may_time = true) {
     const auto call = [&](int i) {
       if (i == 0) {
         first();
@@ -79,9 +81,10 @@ class Autotuner {
     }
     const std::string k = key();
     const int cached = cached_choice(k);  // a candidate may tune its own parts: never run one under the lock
-    if (cached >= 0) {
-      call(cached);
-      return cached;
+    if (cached >= 0 || !may_time) {
+      const int chosen = cached >= 0 ? cached : heuristic;
+      call(chosen);
+      return chosen;
     }
     Decision d;
     d.heuristic = heuristic;

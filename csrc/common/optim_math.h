@@ -106,6 +106,31 @@ template <typename T> struct SgdSlot {
   SgdScalars<acc_t<T>> s;
 };
 
+// Adam's step-dependent scalars, as torch.optim computes them from the step
+// count in Python floats (double): -lr / (1 - beta1^step) and
+// sqrt(1 - beta2^step) (as `** 0.5`). On the host for a CPU step count, in the
+// kernel for one kept on the device.
+struct AdamBiasCorrection {
+  double neg_step_size;
+  double bias_correction2_sqrt;
+};
+
+FASTMLP_HD AdamBiasCorrection adam_bias_correction(double step, double lr, double beta1, double beta2) {
+  const double bias_correction1 = 1 - ::pow(beta1, step);
+  const double bias_correction2 = 1 - ::pow(beta2, step);
+  return {-(lr / bias_correction1), ::pow(bias_correction2, 0.5)};
+}
+
+// A step count on the device (torch's state["step"] with capturable=True or
+// fused=True on CUDA: float32, float64 under a float64 default dtype): the
+// update kernels advance it and compute the bias corrections from it, so
+// nothing is read on the host and a CUDA graph replays the real count.
+struct DeviceStep {
+  float* f32 = nullptr;  // exactly one of the two is set
+  double* f64 = nullptr;
+  double lr = 0, beta1 = 0, beta2 = 0;
+};
+
 template <typename T> struct AdamSlot {
   T* param;
   T* grad;  // written back only when clipping scales it (CUDA)
@@ -113,7 +138,8 @@ template <typename T> struct AdamSlot {
   T* exp_avg_sq;
   T* max_exp_avg_sq;  // null without amsgrad
   int64_t numel;
-  AdamScalars<acc_t<T>> s;
+  AdamScalars<acc_t<T>> s;  // neg_step_size and bias_correction2_sqrt from `step` when it is on the device
+  DeviceStep step;
 };
 
 }  // namespace fastmlp

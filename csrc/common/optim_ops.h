@@ -3,8 +3,10 @@
 // state in torch.optim's own tensors. This file checks the arguments, advances
 // Adam's step counts, computes each parameter's per-step scalars on the host as
 // torch.optim does (in double, then rounded to the parameter's dtype) and hands
-// typed slots to the backend. A backend supplies
-//   Kernels::Guard
+// typed slots to the backend; a step count the backend keeps on the device
+// (Kernels::step_on_device) is advanced, and its bias corrections computed, by
+// the backend's kernels instead. A backend supplies
+//   Kernels::Guard, Kernels::step_on_device(step, param)
 //   Kernels::template sgd<T>(slots, max_grad_norm, like) / adam<T>(...): when max_grad_norm is
 //     given, first the gradients clipped in place with torch.nn.utils.clip_grad_norm_'s formula; then
 //     one pass over every element of every slot (`like`: a parameter, for workspace options)
@@ -109,9 +111,11 @@ template <class Kernels> struct OptimOps {
     using A = acc_t<T>;
     std::vector<AdamSlot<T>> slots;
     slots.reserve(params.size());
+    std::vector<bool> on_device(params.size());
     for (size_t i = 0; i < params.size(); ++i) {  // every check before the first step count moves
       const at::Tensor* st = state.data() + i * kAdamStateStride;
-      check_step(st[0], i);
+      on_device[i] = st[0].defined() && Kernels::step_on_device(st[0], params[i]);
+      on_device[i] ? check_device_step(st[0], i) : check_step(st[0], i);
       check_state_like(st[1], params[i], i, "exp_avg");
       check_state_like(st[2], params[i], i, "exp_avg_sq");
       if (hyper[i * kHyperStride + 5] != 0) check_state_like(st[3], params[i], i, "max_exp_avg_sq");
@@ -121,27 +125,35 @@ template <class Kernels> struct OptimOps {
       const double lr = h[0], beta1 = h[1], beta2 = h[2], eps = h[3], weight_decay = h[4];
       const bool amsgrad = h[5] != 0;
       const at::Tensor* st = state.data() + i * kAdamStateStride;
-      const double step = advance_step(st[0]);
-      // torch/optim/adam.py, capturable=False: these are Python floats.
-      const double bias_correction1 = 1 - std::pow(beta1, step);
-      const double bias_correction2 = 1 - std::pow(beta2, step);
-      const double step_size = lr / bias_correction1;
-      const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
       AdamSlot<T> slot{params[i].data_ptr<T>(),
                        grads[i].data_ptr<T>(),
                        st[1].data_ptr<T>(),
                        st[2].data_ptr<T>(),
                        amsgrad ? st[3].data_ptr<T>() : nullptr,
                        params[i].numel(),
+                       {},
                        {}};
+      if (on_device[i]) {  // the kernels advance it and compute the bias corrections
+        if (st[0].scalar_type() == at::kFloat) {
+          slot.step.f32 = st[0].data_ptr<float>();
+        } else {
+          slot.step.f64 = st[0].data_ptr<double>();
+        }
+        slot.step.lr = lr;
+        slot.step.beta1 = beta1;
+        slot.step.beta2 = beta2;
+      } else {
+        // torch/optim/adam.py, capturable=False: Python floats.
+        const AdamBiasCorrection bc = adam_bias_correction(advance_step(st[0]), lr, beta1, beta2);
+        slot.s.bias_correction2_sqrt = static_cast<A>(bc.bias_correction2_sqrt);
+        slot.s.neg_step_size = static_cast<A>(bc.neg_step_size);
+      }
       const A lerp_weight = static_cast<A>(1 - beta1);
       slot.s.lerp_weight = lerp_weight;
       slot.s.lerp_weight_small = (lerp_weight < 0 ? -lerp_weight : lerp_weight) < A(0.5);
       slot.s.beta2 = static_cast<A>(beta2);
       slot.s.one_minus_beta2 = static_cast<A>(1 - beta2);
-      slot.s.bias_correction2_sqrt = static_cast<A>(bias_correction2_sqrt);
       slot.s.eps = static_cast<A>(eps);
-      slot.s.neg_step_size = static_cast<A>(-step_size);
       slot.s.weight_decay = static_cast<A>(weight_decay);
       slot.s.decay_factor = static_cast<A>(1 - lr * weight_decay);
       slot.s.has_weight_decay = weight_decay != 0;
@@ -160,6 +172,14 @@ template <class Kernels> struct OptimOps {
                     (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
                 "fastmlp.optimizer_step: step of parameter ", i,
                 " must be a 0-dim float32 or float64 CPU tensor (torch.optim's state['step'] with capturable=False)");
+  }
+
+  // torch.optim's state["step"] with capturable=True, or fused=True on CUDA: a
+  // 0-dim float32 (float64) tensor on the parameter's device.
+  static void check_device_step(const at::Tensor& step, size_t i) {
+    TORCH_CHECK(step.dim() == 0 && (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
+                "fastmlp.optimizer_step: step of parameter ", i,
+                " on the device must be a 0-dim float32 or float64 tensor (torch.optim's state['step'])");
   }
 
   // `state["step"] += 1`, then its value as torch.optim reads it with .item().

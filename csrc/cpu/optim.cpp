@@ -89,6 +89,8 @@ struct CpuOptimKernels {
   struct Guard {
     explicit Guard(const c10::Device&) {}
   };
+  // Step counts are torch's CPU scalars, advanced on the host.
+  static bool step_on_device(const at::Tensor&, const at::Tensor&) { return false; }
 
   template <typename T>
   static void sgd(const std::vector<SgdSlot<T>>& slots, std::optional<double> max_grad_norm, const at::Tensor&) {

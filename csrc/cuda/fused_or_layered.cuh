@@ -7,7 +7,8 @@
 // kernel's SIMT tiles: on an H200 784-30-1 at 12396 rows is ~290M of them).
 // With autotuning on (common/autotune.h) the first call of a shape times both
 // with CUDA events on the current stream instead, except while a CUDA graph is
-// being captured (the timing synchronizes): then the heuristic decides.
+// being captured (the timing synchronizes): then a decision made before the
+// capture, else the heuristic.
 // Host code, nvcc only.
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
@@ -47,16 +48,9 @@ int run_fused_or_layered(const char* op, const at::Tensor& input, at::TensorList
   const double first_layer_macs = static_cast<double>(input.size(0)) * static_cast<double>(input.size(1)) *
                                   static_cast<double>(weights[0].size(0));
   const int heuristic = first_layer_macs < static_cast<double>(kCublasMinMacs) ? 0 : 1;
-  if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
-    if (heuristic == 0) {
-      fused();
-    } else {
-      layered();
-    }
-    return heuristic;
-  }
+  const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
   return Autotuner::instance().run([&] { return chain_autotune_key(op, input, weights); }, heuristic, fused, layered,
-                                   cuda_event_seconds);
+                                   cuda_event_seconds, !capturing);
 }
 
 }  // namespace fastmlp::cuda

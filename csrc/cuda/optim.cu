@@ -3,7 +3,9 @@
 // mlp_bce_step (the fused chain kernel and its gradient reduction for a narrow
 // chain), then at most three launches for the update: the clipping norm's two
 // (when clipping) and one for every parameter's update. Adam's step count is
-// torch's CPU scalar: read on the host, no device synchronisation.
+// torch's CPU scalar, read on the host, or (capturable=True, fused=True) a
+// tensor on the GPU that one more launch advances: no device synchronisation
+// either way, and only the latter replays correctly in a CUDA graph.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -39,6 +41,10 @@ const acc_t<T>* clip(const SlotBatch<Slot>& b, std::optional<double> max_grad_no
 
 struct CudaOptimKernels {
   using Guard = c10::cuda::CUDAGuard;
+  // capturable=True / fused=True keep Adam's step count on the parameter's GPU.
+  static bool step_on_device(const at::Tensor& step, const at::Tensor& param) {
+    return step.is_cuda() && step.device() == param.device();
+  }
 
   template <typename T>
   static void sgd(const std::vector<SgdSlot<T>>& slots, std::optional<double> max_grad_norm, const at::Tensor& like) {

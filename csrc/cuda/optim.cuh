@@ -1,5 +1,6 @@
 // The optimizer update on the GPU: every parameter of a step in one launch
-// (a multi-tensor kernel: each block takes one chunk of one parameter), with
+// (a multi-tensor kernel: each block takes one chunk of one parameter; Adam's
+// step counts kept on the device advanced by one small launch before it), with
 // gradient clipping as two small kernels before it (per-chunk sums of squares,
 // then one block that adds them in a fixed order into the clipping
 // coefficient, which the update reads from device memory: no host sync).
@@ -73,22 +74,50 @@ __global__ void __launch_bounds__(kOptimThreads)
   }
 }
 
+// The step counts kept on the device, advanced before the update reads them
+// (one thread per slot; a separate launch, so no block of the update can read
+// a count before or after another block moved it).
+template <typename T> __global__ void adam_count_steps_kernel(SlotBatch<AdamSlot<T>> b) {
+  const int s = static_cast<int>(threadIdx.x);
+  if (s >= b.count) return;
+  const DeviceStep& step = b.slot[s].step;
+  if (step.f32 != nullptr) {
+    *step.f32 = *step.f32 + 1.0f;  // torch: state_steps += 1 in the count's dtype
+  } else if (step.f64 != nullptr) {
+    *step.f64 = *step.f64 + 1.0;
+  }
+}
+
+// The slot's scalars, with the bias corrections of a step count on the device.
+template <typename T> __device__ __forceinline__ AdamScalars<acc_t<T>> adam_scalars(const AdamSlot<T>& s) {
+  using A = acc_t<T>;
+  AdamScalars<A> sc = s.s;
+  if (s.step.f32 != nullptr || s.step.f64 != nullptr) {
+    const double step = s.step.f32 != nullptr ? static_cast<double>(*s.step.f32) : *s.step.f64;
+    const AdamBiasCorrection bc = adam_bias_correction(step, s.step.lr, s.step.beta1, s.step.beta2);
+    sc.neg_step_size = static_cast<A>(bc.neg_step_size);
+    sc.bias_correction2_sqrt = static_cast<A>(bc.bias_correction2_sqrt);
+  }
+  return sc;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kOptimThreads)
     adam_kernel(SlotBatch<AdamSlot<T>> b, const acc_t<T>* clip_coef) {
   using A = acc_t<T>;
   int64_t begin, end;
   const AdamSlot<T>& s = b.slot[slot_of_block(b, &begin, &end)];
+  const AdamScalars<A> scalars = adam_scalars(s);
   for (int64_t i = begin + threadIdx.x; i < end; i += kOptimThreads) {
     A p = static_cast<A>(s.param[i]);
     const A g = clipped_grad<T, A>(s.grad, i, clip_coef);
     A m = static_cast<A>(s.exp_avg[i]), v = static_cast<A>(s.exp_avg_sq[i]);
     if (s.max_exp_avg_sq != nullptr) {
       A vmax = static_cast<A>(s.max_exp_avg_sq[i]);
-      adam_update<A>(p, g, m, v, &vmax, s.s);
+      adam_update<A>(p, g, m, v, &vmax, scalars);
       s.max_exp_avg_sq[i] = static_cast<T>(vmax);
     } else {
-      adam_update<A>(p, g, m, v, nullptr, s.s);
+      adam_update<A>(p, g, m, v, nullptr, scalars);
     }
     s.exp_avg[i] = static_cast<T>(m);
     s.exp_avg_sq[i] = static_cast<T>(v);
@@ -173,8 +202,17 @@ void launch_sgd(const SlotBatch<SgdSlot<T>>& b, const acc_t<T>* clip_coef, cudaS
                 b, clip_coef);
 }
 
+template <typename T> bool has_device_steps(const SlotBatch<AdamSlot<T>>& b) {
+  for (int s = 0; s < b.count; ++s) {
+    if (b.slot[s].step.f32 != nullptr || b.slot[s].step.f64 != nullptr) return true;
+  }
+  return false;
+}
+
+// One launch, two with step counts on the device (advanced first).
 template <typename T>
 void launch_adam(const SlotBatch<AdamSlot<T>>& b, const acc_t<T>* clip_coef, cudaStream_t stream) {
+  if (has_device_steps(b)) launch_kernel(adam_count_steps_kernel<T>, dim3(1), dim3(kOptimMaxSlots), 0, stream, b);
   launch_kernel(adam_kernel<T>, dim3(static_cast<unsigned>(b.first_chunk[b.count])), dim3(kOptimThreads), 0,
                 stream, b, clip_coef);
 }

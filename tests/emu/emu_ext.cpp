@@ -403,10 +403,13 @@ template <typename T> BufferSpec span(const char* name, const T* data, int64_t n
   return s;
 }
 
-struct EmuOptimKernels {
+// kDeviceSteps: Adam's step counts (CPU tensors here) treated as the CUDA
+// backend treats one on the GPU: advanced by the kernels, not the host.
+template <bool kDeviceSteps> struct EmuOptimKernels {
   struct Guard {
     explicit Guard(const c10::Device&) {}
   };
+  static bool step_on_device(const at::Tensor&, const at::Tensor&) { return kDeviceSteps; }
 
   template <typename T, class Slot, class Launch>
   static void run(const std::vector<Slot>& slots, std::optional<double> max_grad_norm, const at::Tensor& like,
@@ -423,6 +426,7 @@ struct EmuOptimKernels {
       for (T* state : state_of(s)) {
         if (state != nullptr) specs.push_back(span("state", state, s.numel, Access::kReadWrite));
       }
+      add_step_spec(specs, s);
     }
     at::Tensor ws;
     if (max_grad_norm.has_value()) {
@@ -436,6 +440,12 @@ struct EmuOptimKernels {
       coef = ws.data_ptr<acc>() + b.first_chunk[b.count];
     }
     launch(b, coef);
+  }
+
+  template <typename T> static void add_step_spec(std::vector<BufferSpec>&, const fastmlp::SgdSlot<T>&) {}
+  template <typename T> static void add_step_spec(std::vector<BufferSpec>& specs, const fastmlp::AdamSlot<T>& s) {
+    if (s.step.f32 != nullptr) specs.push_back(span("step", s.step.f32, 1, Access::kReadWrite));
+    if (s.step.f64 != nullptr) specs.push_back(span("step", s.step.f64, 1, Access::kReadWrite));
   }
 
   template <typename T> static std::vector<T*> state_of(const fastmlp::SgdSlot<T>& s) { return {s.momentum_buffer}; }
@@ -491,7 +501,10 @@ TORCH_LIBRARY(fastmlp_emu_test, m) {
         &fused_forward);
   m.def("optimizer_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state, int optimizer, float[] hyper, "
         "float? max_grad_norm) -> ()",
-        &fastmlp::OptimOps<EmuOptimKernels>::step);
+        &fastmlp::OptimOps<EmuOptimKernels<false>>::step);
+  m.def("optimizer_step_device_steps(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state, int optimizer, "
+        "float[] hyper, float? max_grad_norm) -> ()",
+        &fastmlp::OptimOps<EmuOptimKernels<true>>::step);
   m.def("stats() -> int[]", &stats);
 }
 
