@@ -134,7 +134,7 @@ class Assumptions:
     eager_launch_s: float = 4.5e-6
     #: ASSUMPTION (issue 19): one raw <<<>>> launch of our kernels from our C++, ~2.5 us.
     ours_launch_s: float = 2.5e-6
-    #: ASSUMPTION (issue 19): one kernel node inside a replayed CUDA graph, ~1 us (no path uses graphs yet;
+    #: ASSUMPTION (issue 19): one kernel node inside a replayed CUDA graph, ~1 us (not measured;
     #: PERF_MODEL.md uses it for what a captured TrainStep would cost).
     graph_node_s: float = 1.0e-6
     #: ASSUMPTION: Python and autograd recording per eager call (a module's __call__, a functional,
