@@ -17,7 +17,7 @@
 #   memcheck     compute-sanitizer memcheck over SANITIZER_TESTS (below: they reach every CUDA kernel)
 #   racecheck    compute-sanitizer racecheck over the same tests
 #   bench-compile  torch.compile against eager: one batch size, so one compile per workload and dtype
-#   ncu          ncu --clock-control none of the three main kernels (bench/ncu_case.py), if time is left
+#   ncu          ncu --clock-control none of the three main kernels (bench/ncu_case.py, 784-30-1 at 2048 rows), if time is left
 # The whole run is held to GPU_CHECK_TOTAL_S (default 465 s): a step's budget is
 # cut so that the steps after it keep their minimum, and an optional step with
 # less than its minimum left is skipped.
@@ -349,7 +349,7 @@ ncu_step() {
     local rep="$WORK/ncu-main-kernels"
     ncu --clock-control none --target-processes all --set detailed \
         --kernel-name regex:'.*(fused_step_kernel|fused_forward_kernel|gemm_kernel).*' --launch-count 5 \
-        --export "$rep" --force-overwrite "$PYTHON" -m bench.ncu_case --device cuda --batch 12396
+        --export "$rep" --force-overwrite "$PYTHON" -m bench.ncu_case --device cuda --batch 2048
     ncu --import "$rep.ncu-rep" --page details --csv
 }
 

@@ -2,7 +2,10 @@
 ``FusedBCEClassifier`` step (``fused_step_kernel``), one ``Sequential`` forward
 (``fused_forward_kernel``) and its backward (``gemm_kernel``), on ``784-30-1``.
 
-    python -m bench.ncu_case --device cuda --batch 12396
+    python -m bench.ncu_case --device cuda --batch 2048
+
+(2048 rows: the fused kernels' regime; from 2854 rows of 784-30-1 the chain takes
+the layer path, cuBLAS, by fused_chain_preferred.)
 
 No warm-up: ncu replays each kernel it profiles, so the first launch is measured
 like any other. On ``--device cpu`` it checks the same code path (the dry run).
@@ -23,7 +26,7 @@ import torch_fastmlp as fm
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ncu_case")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--batch", type=int, default=12396)
+    p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--dims", default="784-30-1")
     args = p.parse_args(argv)
     device = torch.device(args.device)

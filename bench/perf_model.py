@@ -312,10 +312,14 @@ def fused_step_blocks(
     return plan.tile_rows, plan.blocks
 
 
-def fused_chain_preferred(batch: int, in_features: int, first_width: int) -> bool:
-    """cuda/fused_or_layered.cuh's heuristic: the fused chain while the first layer's GEMM has
-    fewer than 2^26 multiply-adds, the layer path (cuBLAS) from there."""
-    return batch * in_features * first_width < CUBLAS_MIN_MACS
+def fused_chain_preferred(batch: int, in_features: int, first_width: int, plan: FusedStepPlan) -> bool:
+    """fused_chain.cuh's fused_chain_preferred: the fused chain while the first layer's GEMM has
+    fewer than 2^26 multiply-adds and no block of ``plan``'s grid does more than 2^20 of them; the
+    layer path (cuBLAS or gemm_kernel) otherwise."""
+    if plan.blocks <= 0:
+        return False
+    per_block = min(ceil_div(ceil_div(batch, plan.tile_rows), plan.blocks) * plan.tile_rows, batch)
+    return batch * in_features * first_width < CUBLAS_MIN_MACS and per_block * in_features * first_width <= (1 << 20)
 
 
 def fused_chain_qualifies(widths: Sequence[int]) -> bool:
@@ -961,7 +965,7 @@ def _trainstep(wl: Workload, b: int, dtype: str, path: str, phase: str, m: Machi
         return model
     host = a.op_host_s if epoch else a.trainstep_python_s + a.op_host_s
     plan = fused_step_plan(b, wl.dims[0], wl.widths, e, m.sm_count, m.smem_per_block)
-    preferred = fused_chain_preferred(b, wl.dims[0], wl.widths[0])
+    preferred = fused_chain_preferred(b, wl.dims[0], wl.widths[0], plan)
     if wl.loss == "bce" and fused_chain_qualifies(wl.widths) and plan.blocks > 0 and preferred:
         launches = gather + fused_step_launches(wl, b, e, plan, m, a) + ours_update_launches(wl, e)
         model = PathModel(wl, b, dtype, path, phase, "fused chain", launches, host, m, a)
@@ -985,7 +989,9 @@ def _sequential(wl: Workload, b: int, dtype: str, phase: str, m: Machine, a: Ass
         return None
     e = DTYPE_BYTES[dtype]
     half = dtype in ("bfloat16", "float16")
-    if fused_chain_qualifies(wl.widths) and fused_chain_preferred(b, wl.dims[0], wl.widths[0]):
+    rows = chain_tile_rows(b, m.sm_count)
+    forward_plan = FusedStepPlan(rows, ceil_div(b, rows), min(ceil_div(b, rows), 8 * m.sm_count), 0, False, 8)
+    if fused_chain_qualifies(wl.widths) and fused_chain_preferred(b, wl.dims[0], wl.widths[0], forward_plan):
         launches = [fused_forward_launch(wl, b, e, m)]
         runs = "fused forward + layer backward"
     else:
@@ -1017,7 +1023,7 @@ def _fused_classifier(wl: Workload, b: int, dtype: str, phase: str, m: Machine, 
     plan = fused_step_plan(b, wl.dims[0], wl.widths, e, m.sm_count, m.smem_per_block)
     if not (fused_chain_qualifies(wl.widths) and plan.blocks > 0):
         return None
-    if fused_chain_preferred(b, wl.dims[0], wl.widths[0]):
+    if fused_chain_preferred(b, wl.dims[0], wl.widths[0], plan):
         launches = fused_step_launches(wl, b, e, plan, m, a, grads=grads)
         runs = "fused chain"
     else:  # the BCE step op's layer path (cuBLAS)

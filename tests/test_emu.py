@@ -788,7 +788,8 @@ def fused_plan(
     sm_count: int = SM_COUNT,
     smem_optin: int = H100_SMEM_OPTIN,
 ) -> tuple[int, ...]:
-    """(tile_rows, blocks, grads_in_smem, smem_bytes) of the fused step (or forward) kernel's plan."""
+    """(tile_rows, blocks, grads_in_smem, smem_bytes, fused_preferred) of the fused step (or forward)
+    kernel's plan: fused_preferred is the heuristic's choice of the fused kernel over the layer path."""
     return tuple(emu.fused_plan(batch, sizes[0], sizes[1:], dtype == torch.float64, forward, sm_count, smem_optin))
 
 
@@ -802,7 +803,7 @@ CLASSIC_CHAINS = [[784, 30, 1], [1000, 100, 10]]
 def test_fused_plan_fills_an_h200(emu: Any, batch: int, sizes: list[int], dtype: torch.dtype, forward: bool) -> None:
     """Issue 19: on an H200 (132 SMs, 227 KB per block) every classic workload
     launches at least min(132, rows / 16) blocks, each a tile of 16 to 64 rows."""
-    tile_rows, blocks, _, smem_bytes = fused_plan(emu, batch, sizes, dtype, forward)
+    tile_rows, blocks, _, smem_bytes, _ = fused_plan(emu, batch, sizes, dtype, forward)
     assert blocks >= min(132, -(-batch // 16)), (tile_rows, blocks)
     assert tile_rows in (16, 32, 64) and blocks <= -(-batch // tile_rows)
     assert 0 < smem_bytes <= H100_SMEM_OPTIN
@@ -829,6 +830,17 @@ def test_fused_plan_tiles_and_placement(emu: Any) -> None:
     assert fused_plan(emu, 70000, [784, 30, 1], forward=True)[:2] == (64, 1056)
 
 
+def test_fused_or_layered_heuristic(emu: Any) -> None:
+    """The fused kernels while the first layer is small enough for them: below 2^26 multiply-adds in
+    all (cuBLAS wins above) and at most 2^20 per block (a wide first layer on few blocks loses to the
+    layer path's split-K GEMMs)."""
+    preferred = {batch: fused_plan(emu, batch, [784, 30, 1])[4] for batch in (1, 64, 256, 2048, 2853, 2854, 12396)}
+    assert preferred == {1: 1, 64: 1, 256: 1, 2048: 1, 2853: 1, 2854: 0, 12396: 0}  # 2854 x 784 x 30 >= 2^26
+    assert fused_plan(emu, 64, [1000, 100, 10])[4] == 0  # 16 rows x 1000 x 100 = 1.6M a block
+    assert fused_plan(emu, 64, [784, 64, 10])[4] == 1  # 16 x 784 x 64 = 0.8M
+    assert fused_plan(emu, 64, [784, 30, 1], forward=True)[4] == 1
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sizes", [*CLASSIC_CHAINS, [40, 16, 3], [20, 128, 128, 2], [256, *[128] * 8], [700, 33, 5]])
 def test_perf_model_mirrors_the_planner(emu: Any, sizes: list[int], dtype: torch.dtype) -> None:
@@ -842,7 +854,8 @@ def test_perf_model_mirrors_the_planner(emu: Any, sizes: list[int], dtype: torch
             if plan.blocks == 0:
                 assert got[1] == 0, (batch, sm_count, got)
                 continue
-            want = (plan.tile_rows, plan.blocks, int(plan.grads_in_smem), plan.smem_bytes)
+            preferred = pm.fused_chain_preferred(batch, sizes[0], sizes[1], plan)
+            want = (plan.tile_rows, plan.blocks, int(plan.grads_in_smem), plan.smem_bytes, int(preferred))
             assert got == want, (batch, sm_count, smem_optin)
 
 

@@ -617,6 +617,25 @@ bool plan_fused_forward(FusedChainParams<scalar_t>& p, int sm_count, size_t smem
   return true;
 }
 
+// Multiply-adds of the first layer one block of the planned grid does, at most,
+// for the fused kernels to be the heuristic's choice: each block walks its
+// tiles' first layer on one SM, so past this a wide first layer on few blocks
+// (1000 -> 100 at batch 64: 4 blocks of 1.6M) is slower than the layer path's
+// split-K GEMMs on many (~37 against ~9 us by bench/perf_model.py).
+constexpr int64_t kFusedMaxBlockMacs = int64_t(1) << 20;
+
+// The heuristic between a planned fused kernel and the layer path (cuBLAS or
+// gemm_kernel): fused while the first layer's GEMM is below kCublasMinMacs
+// (cuBLAS beats the SIMT tiles above) and no block does more than
+// kFusedMaxBlockMacs of it. cuda/fused_or_layered.cuh applies it (or times both).
+template <typename scalar_t> bool fused_chain_preferred(const FusedChainParams<scalar_t>& p, const FusedChainPlan& plan) {
+  const double per_row = static_cast<double>(p.in_features) * static_cast<double>(p.width[0]);
+  const int64_t tiles = ceil_div(p.batch, static_cast<int64_t>(p.tile_rows));
+  const int64_t block_rows = std::min(ceil_div(tiles, static_cast<int64_t>(plan.blocks)) * p.tile_rows, p.batch);
+  return static_cast<double>(p.batch) * per_row < static_cast<double>(kCublasMinMacs) &&
+         static_cast<double>(block_rows) * per_row <= static_cast<double>(kFusedMaxBlockMacs);
+}
+
 template <typename scalar_t>
 void launch_fused_forward(const FusedChainParams<scalar_t>& p, const FusedChainPlan& plan, cudaStream_t stream) {
   auto* const kernel = p.width[0] <= kNarrowFirst ? fused_forward_kernel<scalar_t, kNarrowFirst>

@@ -1,10 +1,12 @@
 // The choice between the fused chain kernel and the layer path (cuBLAS GEMMs
 // through ATen, or gemm_kernel) for a narrow chain on CUDA.
 //
-// Heuristic: the fused kernel while the first layer's GEMM is below
-// kCublasMinMacs multiply-adds (launches dominate there, and the fused kernel
-// is one or two of them), the layer path above (cuBLAS's GEMMs beat the fused
-// kernel's SIMT tiles: on an H200 784-30-1 at 12396 rows is ~290M of them).
+// Heuristic (fused_chain_preferred, cuda/fused_chain.cuh): the fused kernel
+// while the first layer's GEMM is below kCublasMinMacs multiply-adds
+// (launches dominate there, and the fused kernel is one or two of them) and no
+// block of its grid does more than kFusedMaxBlockMacs of it; the layer path
+// otherwise (cuBLAS's GEMMs beat the fused kernel's SIMT tiles on big layers:
+// on an H200 784-30-1 at 12396 rows is ~290M of them).
 // With autotuning on (common/autotune.h) the first call of a shape times both
 // with CUDA events on the current stream instead, except while a CUDA graph is
 // being captured (the timing synchronizes): then a decision made before the
@@ -19,7 +21,7 @@
 #include <functional>
 
 #include "common/autotune.h"
-#include "cuda/gemm.cuh"
+#include "cuda/fused_chain.cuh"
 
 namespace fastmlp::cuda {
 
@@ -42,15 +44,13 @@ inline double cuda_event_seconds(const std::function<void()>& fn) {
 }
 
 // Runs `fused` or `layered` for the chain; returns 0 for fused, 1 for layered.
+// `fused_preferred`: the heuristic (fused_chain_preferred on the plan).
 template <class Fused, class Layered>
-int run_fused_or_layered(const char* op, const at::Tensor& input, at::TensorList weights, const Fused& fused,
-                         const Layered& layered) {
-  const double first_layer_macs = static_cast<double>(input.size(0)) * static_cast<double>(input.size(1)) *
-                                  static_cast<double>(weights[0].size(0));
-  const int heuristic = first_layer_macs < static_cast<double>(kCublasMinMacs) ? 0 : 1;
+int run_fused_or_layered(const char* op, const at::Tensor& input, at::TensorList weights, bool fused_preferred,
+                         const Fused& fused, const Layered& layered) {
   const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  return Autotuner::instance().run([&] { return chain_autotune_key(op, input, weights); }, heuristic, fused, layered,
-                                   cuda_event_seconds, !capturing);
+  return Autotuner::instance().run([&] { return chain_autotune_key(op, input, weights); }, fused_preferred ? 0 : 1,
+                                   fused, layered, cuda_event_seconds, !capturing);
 }
 
 }  // namespace fastmlp::cuda

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_forward(const at::Tensor& input, at::Tens
       launch_fused_forward(p, plan, at::cuda::getCurrentCUDAStream());
       result = {output, hidden};
     };
-    run_fused_or_layered("cuda_mlp_forward", input, weights, fused,
+    run_fused_or_layered("cuda_mlp_forward", input, weights, fused_chain_preferred(p, plan), fused,
                          [&] { result = Layers::mlp_forward(input, weights, biases, last_relu); });
   });
   return planned ? result : Layers::mlp_forward(input, weights, biases, last_relu);

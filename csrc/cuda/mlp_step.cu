@@ -74,7 +74,8 @@ StepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::Tens
       launch_fused_step(p, plan, workspace.data_ptr<acc>(), at::cuda::getCurrentCUDAStream());
       result = {o.loss, o.grad_input, o.grad_weight, o.grad_bias};
     };
-    run_fused_or_layered("cuda_bce_step", input, weights, fused, [&] { result = layered(); });
+    run_fused_or_layered("cuda_bce_step", input, weights, fused_chain_preferred(p, plan), fused,
+                         [&] { result = layered(); });
   });
   return planned ? result : layered();
 }

@@ -639,8 +639,9 @@ int64_t gemm_grid_tiles(int64_t M, int64_t N) { return fc::gemm_grid_tiles(M, N)
 // The fused step's and forward's plans (cuda/fused_chain.cuh) for a chain of
 // `widths` on `in_features` inputs, every gradient asked for, on a device with
 // `sm_count` SMs and `smem_optin` bytes of shared memory per block, without
-// running anything. Returns (tile_rows, blocks, grads_in_smem, smem_bytes);
-// blocks == 0: the chain does not qualify.
+// running anything. Returns (tile_rows, blocks, grads_in_smem, smem_bytes,
+// fused_preferred: the heuristic against the layer path); blocks == 0: the
+// chain does not qualify.
 template <typename scalar_t>
 std::vector<int64_t> plan_of(int64_t batch, int64_t in_features, c10::IntArrayRef widths, bool forward,
                              int64_t sm_count, int64_t smem_optin) {
@@ -648,7 +649,7 @@ std::vector<int64_t> plan_of(int64_t batch, int64_t in_features, c10::IntArrayRe
   p.batch = batch;
   p.in_features = in_features;
   p.layers = static_cast<int>(widths.size());
-  if (widths.empty() || widths.size() > static_cast<size_t>(fc::kChainMaxLayers)) return {0, 0, 0, 0};
+  if (widths.empty() || widths.size() > static_cast<size_t>(fc::kChainMaxLayers)) return {0, 0, 0, 0, 0};
   // Planning only tests the gradient pointers for null; it never dereferences them.
   static scalar_t slot;
   for (int l = 0; l < p.layers; ++l) {
@@ -659,8 +660,9 @@ std::vector<int64_t> plan_of(int64_t batch, int64_t in_features, c10::IntArrayRe
   fc::FusedChainPlan plan;
   const bool ok = forward ? fc::plan_fused_forward(p, static_cast<int>(sm_count), static_cast<size_t>(smem_optin), &plan)
                           : fc::plan_fused_step(p, static_cast<int>(sm_count), static_cast<size_t>(smem_optin), &plan);
-  if (!ok) return {0, 0, 0, 0};
-  return {p.tile_rows, plan.blocks, p.grads_in_smem ? 1 : 0, static_cast<int64_t>(plan.smem_bytes)};
+  if (!ok) return {0, 0, 0, 0, 0};
+  return {p.tile_rows, plan.blocks, p.grads_in_smem ? 1 : 0, static_cast<int64_t>(plan.smem_bytes),
+          fc::fused_chain_preferred(p, plan) ? 1 : 0};
 }
 
 std::vector<int64_t> fused_plan(int64_t batch, int64_t in_features, c10::IntArrayRef widths, bool double_type,
