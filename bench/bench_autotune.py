@@ -23,15 +23,6 @@ import torch
 import torch_fastmlp
 
 
-def build(widths: list[int]) -> torch_fastmlp.Sequential:
-    layers: list[torch.nn.Module] = []
-    for i, (k, n) in enumerate(zip(widths, widths[1:], strict=False)):
-        layers.append(torch.nn.Linear(k, n))
-        if i + 2 < len(widths):
-            layers.append(torch.nn.ReLU())
-    return torch_fastmlp.Sequential(*layers)
-
-
 def time_calls(fn: object, min_time: float) -> float:
     """Seconds per call of ``fn()``, run for at least ``min_time``."""
     calls, start = 0, time.perf_counter()
@@ -59,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in args.workloads.split(","):
         widths = [int(w) for w in name.split("-")]
-        model = build(widths)
+        model = torch_fastmlp.MLP(widths)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             x = torch.randn(batch, widths[0])
 

@@ -233,7 +233,9 @@ __device__ __forceinline__ void first_layer_forward(const FusedChainParams<scala
     for (int k = 0; k < kChainChunk; ++k) {
       acc a[kChainRowsPerThread], b[kCols];
 #pragma unroll
-      for (int i = 0; i < kChainRowsPerThread; ++i) a[i] = i < row_steps ? xs[(ty + i * kChainGridY) * kXPitch + k] : acc(0);
+      for (int i = 0; i < kChainRowsPerThread; ++i) {
+        a[i] = i < row_steps ? xs[(ty + i * kChainGridY) * kXPitch + k] : acc(0);  // no row past the tile's buffer
+      }
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
         const int n = tx + j * kChainGridX;
@@ -490,7 +492,8 @@ __global__ void __launch_bounds__(kChainThreads) fused_step_finish_kernel(FusedC
 // The chain's forward alone (fastmlp::mlp_forward): the same tile walk, every
 // layer's activations written out for the backward.
 template <typename scalar_t, int kFirstWidth>
-__global__ void __launch_bounds__(kChainThreads, (chain_blocks_per_sm<scalar_t, kFirstWidth>())) fused_forward_kernel(FusedChainParams<scalar_t> p) {
+__global__ void __launch_bounds__(kChainThreads, (chain_blocks_per_sm<scalar_t, kFirstWidth>()))
+    fused_forward_kernel(FusedChainParams<scalar_t> p) {
   using acc = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   acc* const s = reinterpret_cast<acc*>(smem);
@@ -527,8 +530,9 @@ template <typename scalar_t> bool fused_chain_qualifies(const FusedChainParams<s
   return true;
 }
 
+// Bytes of the layout the planner set (p.smem).
 template <typename scalar_t> size_t chain_smem_bytes(const FusedChainParams<scalar_t>& p) {
-  return static_cast<size_t>(chain_smem_layout(p).total) * sizeof(acc_t<scalar_t>);
+  return static_cast<size_t>(p.smem.total) * sizeof(acc_t<scalar_t>);
 }
 
 // The largest tile (64, 32 or 16 rows) that still gives the batch as many
@@ -628,12 +632,13 @@ constexpr int64_t kFusedMaxBlockMacs = int64_t(1) << 20;
 // gemm_kernel): fused while the first layer's GEMM is below kCublasMinMacs
 // (cuBLAS beats the SIMT tiles above) and no block does more than
 // kFusedMaxBlockMacs of it. cuda/fused_or_layered.cuh applies it (or times both).
-template <typename scalar_t> bool fused_chain_preferred(const FusedChainParams<scalar_t>& p, const FusedChainPlan& plan) {
-  const double per_row = static_cast<double>(p.in_features) * static_cast<double>(p.width[0]);
+template <typename scalar_t>
+bool fused_chain_preferred(const FusedChainParams<scalar_t>& p, const FusedChainPlan& plan) {
+  if (gemm_on_cublas(p.batch, p.width[0], p.in_features, false)) return false;
   const int64_t tiles = ceil_div(p.batch, static_cast<int64_t>(p.tile_rows));
   const int64_t block_rows = std::min(ceil_div(tiles, static_cast<int64_t>(plan.blocks)) * p.tile_rows, p.batch);
-  return static_cast<double>(p.batch) * per_row < static_cast<double>(kCublasMinMacs) &&
-         static_cast<double>(block_rows) * per_row <= static_cast<double>(kFusedMaxBlockMacs);
+  return static_cast<double>(block_rows) * static_cast<double>(p.in_features) * static_cast<double>(p.width[0]) <=
+         static_cast<double>(kFusedMaxBlockMacs);
 }
 
 template <typename scalar_t>
