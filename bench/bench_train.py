@@ -23,6 +23,13 @@ Phases:
   shuffle=True)``, ``TrainStep.epoch``, and a JAX loop over a jitted step with
   the rows gathered through a permutation.
 
+The ``gemm-floor`` variant (train phase) is no training step: only the first
+layer's two matrix products that every fp32 step must compute, the forward
+``x @ W0.T`` and the weight gradient ``g.T @ x``, through torch's BLAS on the
+same batches. Its time is a floor for any step on this machine at full fp32
+precision, so ``eager / gemm-floor`` bounds the speed-up that is reachable at
+all (at large batches the step is compute-bound).
+
 Every variant starts from the same weights; variants alternate round by round
 in one process, and each cell reports the median and minimum over rounds (this
 machine's timings move 20-50% between processes, so compare ratios within one
@@ -147,6 +154,19 @@ def torch_variant(kind: str, base: nn.Sequential, loss: str = "bce", opt: str = 
     raise ValueError(kind)
 
 
+def first_layer_gemms(base: nn.Sequential, batch: int, device: str) -> Callable[[torch.Tensor, Any], Any]:
+    """The first layer's forward and weight-gradient products alone (the
+    ``gemm-floor`` variant), with a fixed output gradient of the batch's shape."""
+    w = next(m for m in base if isinstance(m, nn.Linear)).weight.detach().to(device)
+    g = torch.randn(batch, w.shape[0], device=device)
+
+    def run(x: torch.Tensor, _y: Any) -> Any:
+        gb = g if x.shape[0] == batch else g[: x.shape[0]]
+        return torch.mm(x, w.t()), torch.mm(gb.t(), x)
+
+    return run
+
+
 def jax_step(base: nn.Sequential, loss: str = "bce", opt: str = "adam") -> tuple[Callable, Callable] | None:
     """A jitted JAX/optax step from the same weights, and an epoch loop; None without jax."""
     try:
@@ -259,6 +279,8 @@ def bench_train(
 
             jpool = [(jnp.asarray(a.cpu().numpy()), jnp.asarray(b.cpu().numpy())) for a, b in pool]
             fns[v] = cycling(jpool, js[0])
+        elif v == "gemm-floor":
+            fns[v] = cycling(pool, first_layer_gemms(base, batch, device))
         else:
             step = torch_variant(v, base, loss, opt)
             if step is not None:
@@ -334,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--phases", default="train,epoch")
     p.add_argument("--batch-sizes", default="64,256,2048,12396")
     p.add_argument("--epoch-batch-sizes", default="64,256,2048")
-    p.add_argument("--variants", default="eager,eager-fused-adam,compile,fused-classifier,trainstep,jax")
+    p.add_argument("--variants", default="eager,eager-fused-adam,compile,fused-classifier,trainstep,jax,gemm-floor")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget", type=float, default=0.2, help="seconds per variant per round (train)")
     p.add_argument("--threads", type=int, default=None)
@@ -348,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         dims, loss, opt = parse_workload(wl)
         batches = args.batch_sizes if phase == "train" else args.epoch_batch_sizes
         for batch in (int(b) for b in batches.split(",")):
-            vs = [v for v in variants if phase == "train" or v != "compile"]
+            vs = [v for v in variants if phase == "train" or v not in ("compile", "gemm-floor")]
             if phase == "train":
                 times = bench_train(dims, loss, opt, batch, args.device, args.rounds, args.budget, vs)
             else:

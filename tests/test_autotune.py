@@ -121,6 +121,35 @@ def test_whole_chain_and_train_step_with_autotune() -> None:
     assert decisions("cpu_linear_act") and decisions("cpu_weight_grad")
 
 
+@pytest.mark.parametrize("batch", [64, 700])
+def test_train_step_with_autotune(batch: int) -> None:
+    """TrainStep with autotuning: the step's first call of a shape times the
+    rows-through-the-chain kernels against the layer by layer composition
+    (cpu_loss_step, the update apart); later steps take the winner (with the
+    update fused into the row partials when they won). Eager's training either way."""
+    import copy
+
+    torch_fastmlp.autotune(True)
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(200, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1))
+    model = torch_fastmlp.Sequential(*copy.deepcopy(list(ref)))
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    step = torch_fastmlp.TrainStep(model, torch.nn.BCEWithLogitsLoss(), torch.optim.Adam(model.parameters(), lr=1e-2))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(batch, 200, generator=g), torch.randint(0, 2, (batch, 1), generator=g).float()
+        ref_opt.zero_grad()
+        expected = F.binary_cross_entropy_with_logits(ref(x), y)
+        expected.backward()
+        ref_opt.step()
+        torch.testing.assert_close(step(x, y), expected.detach(), rtol=1e-5, atol=1e-6)
+    for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+    (decision,) = decisions("cpu_loss_step")
+    assert decision.startswith(f"cpu_loss_step:{batch}:200:")
+
+
 def test_autotune_argument_checked() -> None:
     with pytest.raises(TypeError, match="enabled must be a bool or None"):
         torch_fastmlp.autotune(1)  # type: ignore[arg-type]

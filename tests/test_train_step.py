@@ -338,6 +338,54 @@ def test_bitwise_across_thread_counts(opt_name: str) -> None:
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adam-amsgrad-maximize", "adamw-amsgrad-wd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_update_is_the_separate_update_bitwise(opt_name: str, dtype: torch.dtype) -> None:
+    """The CPU step runs a small batch's update inside its gradient reduction;
+    it equals the gradients (mlp_loss_step) followed by optimizer_step bit for
+    bit, at every thread count (a model big enough that the reduction runs in
+    parallel, frozen layer and missing bias included)."""
+    from torch_fastmlp._ops import ops
+
+    sizes = [300, 60, 20, 1]
+    results = []
+    default_threads = torch.get_num_threads()
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            _, _, step = twins(sizes, OPTIMIZERS[opt_name], dtype=dtype)
+            step.model[2].bias = None  # a layer without bias
+            step.model[2].weight.requires_grad_(False)  # and a frozen one
+            step.optimizer = OPTIMIZERS[opt_name]([p for p in step.model.parameters() if p.requires_grad])
+            twin = copy.deepcopy(step)
+            for i in range(3):
+                x, y = data(200, sizes, seed=i, dtype=dtype)
+                step(x, y)
+                plan = twin._plan(x, y)
+                if plan is None or plan.fresh:
+                    twin(x, y)
+                    continue
+                loss_args = twin._loss_args(plan.loss, y.shape)
+                with torch.no_grad():
+                    _, _, gw, gb = ops.mlp_loss_step(x, y, plan.weights, plan.biases, plan.chain.last_relu,
+                                                     *loss_args, False, plan.weight_mask, plan.bias_mask)  # fmt: skip
+                    grads = twin._set_grads(plan, gw, gb)
+                    ops.optimizer_step(plan.trainable, grads, plan.state, plan.kind, plan.hyper, None)
+            for p, q in zip(step.model.parameters(), twin.model.parameters(), strict=True):
+                assert torch.equal(p, q)
+                assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+            ours, theirs = step.optimizer.param_groups[0]["params"], twin.optimizer.param_groups[0]["params"]
+            for p, q in zip(ours, theirs, strict=True):
+                for key, v in step.optimizer.state[p].items():
+                    assert torch.equal(v, twin.optimizer.state[q][key]), key
+            results.append([p.detach().clone() for p in step.model.parameters()])
+        finally:
+            torch.set_num_threads(default_threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 # --- epoch ------------------------------------------------------------------
 
 

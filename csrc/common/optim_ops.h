@@ -36,6 +36,27 @@ inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; 
 template <class Kernels> struct OptimOps {
   static void step(at::TensorList params, at::TensorList grads, at::TensorList state, int64_t optimizer,
                    c10::ArrayRef<double> hyper, std::optional<double> max_grad_norm) {
+    check_args(params, grads, state, optimizer, hyper);
+    if (params.empty()) return;
+    const at::Tensor& first = params[0];
+    typename Kernels::Guard guard(first.device());
+    BelowAutograd below_autograd;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "fastmlp_optimizer_step", [&] {
+      if (optimizer == kOptimSgd) {
+        Kernels::template sgd<scalar_t>(sgd_slots<scalar_t>(params, grads, state, hyper), max_grad_norm, first);
+      } else {
+        Kernels::template adam<scalar_t>(adam_slots<scalar_t>(params, grads, state, hyper), max_grad_norm, first);
+      }
+    });
+    bump_versions(params, grads, state, max_grad_norm.has_value());
+  }
+
+  // The pieces of step() for a backend that runs the update itself, fused
+  // into its own gradient pass: the checks of the arguments, the typed slots
+  // (for Adam the step counts advance here: build them once the update cannot
+  // fail any more), and the version bumps after the update.
+  static void check_args(at::TensorList params, at::TensorList grads, at::TensorList state, int64_t optimizer,
+                         c10::ArrayRef<double> hyper) {
     const size_t n = params.size();
     TORCH_CHECK(optimizer == kOptimSgd || optimizer == kOptimAdam,
                 "fastmlp.optimizer_step: optimizer must be 0 (SGD) or 1 (Adam), got ", optimizer);
@@ -53,19 +74,8 @@ template <class Kernels> struct OptimOps {
       check_same(params[i], first, "param", "params[0]");
       check_state_like(grads[i], params[i], i, "grad");
     }
-    typename Kernels::Guard guard(first.device());
-    BelowAutograd below_autograd;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "fastmlp_optimizer_step", [&] {
-      if (optimizer == kOptimSgd) {
-        Kernels::template sgd<scalar_t>(sgd_slots<scalar_t>(params, grads, state, hyper), max_grad_norm, first);
-      } else {
-        Kernels::template adam<scalar_t>(adam_slots<scalar_t>(params, grads, state, hyper), max_grad_norm, first);
-      }
-    });
-    bump_versions(params, grads, state, max_grad_norm.has_value());
   }
 
- private:
   // Every tensor the update writes counts as modified in place, as after
   // torch.optim's in-place ops: autograd then refuses a graph that saved one
   // of them before the step instead of using its new values.
@@ -165,6 +175,7 @@ template <class Kernels> struct OptimOps {
     return slots;
   }
 
+ private:
   // torch.optim's state["step"] with capturable=False and fused=False: a 0-dim
   // CPU tensor, float32 (float64 under a float64 default dtype).
   static void check_step(const at::Tensor& step, size_t i) {

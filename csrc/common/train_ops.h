@@ -3,13 +3,16 @@
 // the optimizer update) as one op, and a whole epoch of such steps over
 // minibatches drawn through a permutation, with no Python between the phases
 // or the batches. The gradients come from the backend's fastmlp::mlp_loss_step,
-// the update from OptimOps<Kernels>.
+// the update from OptimOps<Kernels>, unless the backend runs both itself
+// (OptimKernels::fused_step, where it has one: e.g. the update inside the
+// gradient reduction).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/mlp_loss_ops.h"
@@ -47,10 +50,8 @@ template <class OptimKernels> struct TrainOps {
     check_masks(weights, biases, weight_mask, bias_mask);
     BelowAutograd below_autograd;
     const StepLossArgs args = step_loss_args(loss_kind, weight, pos_weight, reduction, ignore_index, label_smoothing);
-    auto [loss, grad_input, grad_w, grad_b] =
-        step_gradients(input, target, weights, biases, last_relu, args, weight_mask, bias_mask);
-    update(weights, biases, weight_mask, bias_mask, grad_w, grad_b, state, optimizer, hyper, max_grad_norm);
-    return {loss, grad_w, grad_b};
+    return one_step(input, target, weights, biases, last_relu, args, weight_mask, bias_mask, state, optimizer, hyper,
+                    max_grad_norm);
   }
 
   // Batches of `batch_size` rows of inputs / targets in the order of `order` (row
@@ -111,8 +112,8 @@ template <class OptimKernels> struct TrainOps {
         x = inputs.narrow(0, start, len);
         y = targets.narrow(0, start, len);
       }
-      auto [loss, grad_input, gw, gb] = step_gradients(x, y, weights, biases, last_relu, args, weight_mask, bias_mask);
-      update(weights, biases, weight_mask, bias_mask, gw, gb, state, optimizer, hyper, max_grad_norm);
+      auto [loss, gw, gb] = one_step(x, y, weights, biases, last_relu, args, weight_mask, bias_mask, state, optimizer,
+                                     hyper, max_grad_norm);
       losses.push_back(loss);
       grad_w = std::move(gw);
       grad_b = std::move(gb);
@@ -129,6 +130,25 @@ template <class OptimKernels> struct TrainOps {
   }
 
  private:
+  // One step: the backend's fused step where it has one and it serves, else
+  // the gradients through the dispatcher and then the update.
+  static TrainStepResult one_step(const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
+                                  const c10::List<std::optional<at::Tensor>>& biases, bool last_relu,
+                                  const StepLossArgs& args, const c10::List<bool>& weight_mask,
+                                  const c10::List<bool>& bias_mask, at::TensorList state, int64_t optimizer,
+                                  c10::ArrayRef<double> hyper, std::optional<double> max_grad_norm) {
+    if constexpr (requires { OptimKernels::fused_step; }) {
+      if (auto fused = OptimKernels::fused_step(x, y, weights, biases, last_relu, args, weight_mask, bias_mask, state,
+                                                optimizer, hyper, max_grad_norm)) {
+        return std::move(*fused);
+      }
+    }
+    auto [loss, grad_input, grad_w, grad_b] =
+        step_gradients(x, y, weights, biases, last_relu, args, weight_mask, bias_mask);
+    update(weights, biases, weight_mask, bias_mask, grad_w, grad_b, state, optimizer, hyper, max_grad_norm);
+    return {loss, grad_w, grad_b};
+  }
+
   static void check_masks(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                           const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
     TORCH_CHECK(biases.size() == weights.size() && weight_mask.size() == weights.size() &&

@@ -19,14 +19,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <string>
 #include <vector>
 
+#include "common/autotune.h"
 #include "common/mlp_loss_ops.h"
 #include "cpu/bce_backend.h"
 #include "cpu/cross_entropy_backend.h"
 #include "cpu/layer_backend.h"
 #include "cpu/mse_backend.h"
 #include "cpu/narrow_step.h"
+#include "cpu/optim_kernels.h"
 
 namespace fastmlp::cpu {
 namespace {
@@ -263,6 +267,17 @@ bool check_bce_step(const StepLossArgs& loss, const at::Tensor& input, const at:
   return per_row(loss.weight) && per_row(loss.pos_weight);
 }
 
+// The autotuner's key of a step: the chain's shapes, the loss and which gradients.
+std::string loss_step_key(const at::Tensor& input, at::TensorList weights, const StepLossArgs& loss, bool input_grad,
+                          const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
+  std::vector<int64_t> dims{input.size(0), input.size(1), loss.kind, input_grad ? 1 : 0};
+  for (size_t l = 0; l < weights.size(); ++l) {
+    dims.push_back(weights[l].size(0));
+    dims.push_back((weight_mask[l] ? 1 : 0) + (bias_mask[l] ? 2 : 0));
+  }
+  return autotune_key("cpu_loss_step", dims, input);
+}
+
 LossStepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
                          const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu, const StepLossArgs& loss,
                          bool input_grad, const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
@@ -277,15 +292,97 @@ LossStepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::
     return Generic::step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
   }
   const at::Tensor y = target.contiguous();
-  // Row partials up to kRowPartialsSmallBatch rows; past that the half-batch tiles are as fast (measured,
-  // 784 -> 30 -> 1, row partials vs tiles: 240 vs 271 us at 256 rows, 421 vs 407 us at 512).
-  if (batch <= kRowPartialsSmallBatch && row_partials_eligible(input, weights)) {
-    return row_partials_step(input, y, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
-  }
-  return tiled_step(input, y, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
+  // Rows through the chain start to finish, unless a first-use timing found
+  // the layer by layer composition (each layer's own BLAS or narrow kernels) faster.
+  LossStepResult result;
+  Autotuner::instance().run(
+      [&] { return loss_step_key(input, weights, loss, input_grad, weight_mask, bias_mask); }, 0,
+      [&] {
+        // Row partials up to kRowPartialsSmallBatch rows; past that the half-batch tiles are as fast (measured,
+        // 784 -> 30 -> 1, row partials vs tiles: 240 vs 271 us at 256 rows, 421 vs 407 us at 512).
+        result = batch <= kRowPartialsSmallBatch && row_partials_eligible(input, weights)
+                     ? row_partials_step(input, y, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask)
+                     : tiled_step(input, y, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
+      },
+      [&] {
+        result = Generic::step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
+      });
+  return result;
 }
 
 }  // namespace
+
+// A small batch's row partials with the optimizer's update in their gradient
+// reduction: each range of elements is summed over the partials and updated
+// while it is in cache, in the region that sums them (no pass of its own, no
+// wake-up of its own; measured in bench_train). Clipping needs the whole
+// gradient's norm before the first update: the gradients and the update apart.
+std::optional<TrainStepResult> fused_train_step(const at::Tensor& input, const at::Tensor& target,
+                                                at::TensorList weights,
+                                                const c10::List<std::optional<at::Tensor>>& biases, bool last_relu,
+                                                const StepLossArgs& loss, const c10::List<bool>& weight_mask,
+                                                const c10::List<bool>& bias_mask, at::TensorList state,
+                                                int64_t optimizer, c10::ArrayRef<double> hyper,
+                                                std::optional<double> max_grad_norm) {
+  if (max_grad_norm.has_value()) return std::nullopt;
+  // loss_step's checks, in its order.
+  check_mlp_args(input, weights, biases);
+  const int64_t batch = input.size(0), out_features = weights.back().size(0);
+  check_step_loss(loss, input, target, batch, out_features);
+  if (!chain_eligible(input, weights)) return std::nullopt;
+  if (loss.kind == kStepLossBce && !check_bce_step(loss, input, target, batch, out_features)) return std::nullopt;
+  if (batch > kRowPartialsSmallBatch || !row_partials_eligible(input, weights)) return std::nullopt;
+  // Autotuning: loss_step times the row partials against the layer by layer
+  // composition at the first step of a shape (this step then runs apart);
+  // the update is fused only into the row partials.
+  const Autotuner& tuner = Autotuner::instance();
+  if (tuner.enabled() && tuner.cached_choice(loss_step_key(input, weights, loss, false, weight_mask, bias_mask)) != 0) {
+    return std::nullopt;
+  }
+
+  BelowAutograd below_autograd;
+  ChainTensors t(input, weights, biases, false, weight_mask, bias_mask);
+  std::vector<at::Tensor> params, grads;  // the trainable ones in layer order, weight then bias
+  for (size_t l = 0; l < weights.size(); ++l) {
+    if (weight_mask[l]) {
+      params.push_back(weights[l]);
+      grads.push_back(t.grad_w[l]);
+    }
+    if (bias_mask[l]) {
+      params.push_back(*biases.get(l));
+      grads.push_back(t.grad_b[l]);
+    }
+  }
+  if (params.empty()) return std::nullopt;
+  using Optim = OptimOps<CpuOptimKernels>;
+  Optim::check_args(params, grads, state, optimizer, hyper);
+  const at::Tensor y = target.contiguous();
+  double value = 0;
+  AT_DISPATCH_FLOATING_TYPES(t.x.scalar_type(), "fastmlp_fused_train_step", [&] {
+    std::vector<scalar_t*> gw, gb;
+    const NarrowChain<scalar_t> chain = t.chain<scalar_t>(last_relu, gw, gb);
+    with_row_loss<scalar_t>(loss, y, batch, out_features, [&](const auto& rows, double denominator) {
+      // make_slots runs once the gradients are complete (Adam's step counts advance in it).
+      auto run = [&](const auto& make_slots) {
+        decltype(make_slots()) slots;
+        const double sum = narrow_step(chain, rows, gw, gb, [&] {
+          slots = make_slots();
+          return [&slots](size_t k, int64_t begin, int64_t end) { update_range(slots[k], begin, end); };
+        });
+        value = reduced_loss(loss, sum, denominator);
+      };
+      if (optimizer == kOptimSgd) {
+        run([&] { return Optim::sgd_slots<scalar_t>(params, grads, state, hyper); });
+      } else {
+        run([&] { return Optim::adam_slots<scalar_t>(params, grads, state, hyper); });
+      }
+    });
+  });
+  Optim::bump_versions(params, grads, state, false);
+  auto [grad_input, grad_w, grad_b] = t.gradients();
+  return TrainStepResult{at::scalar_tensor(value, t.x.options()), grad_w, grad_b};
+}
+
 }  // namespace fastmlp::cpu
 
 TORCH_LIBRARY_IMPL(fastmlp, CPU, m) { FASTMLP_REGISTER_STEP_OPS(m, fastmlp::cpu::loss_step); }

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -184,18 +185,84 @@ template <typename T> T* partial_workspace(int64_t partials, int64_t grad_elems,
   return kept.data();
 }
 
+// No work on the summed gradients (run_row_partials' `after_partials` when
+// nothing follows the backward).
+struct NoEpilogue {
+  void operator()(size_t, int64_t, int64_t) const {}
+};
+inline NoEpilogue no_epilogue() { return {}; }
+
+constexpr int64_t kReduceBlock = 1024;               // elements summed, then handed to the epilogue, at a time
+constexpr int64_t kReduceParallelElements = 1 << 14;  // below: the calling thread alone
+
+// grad[i] += the other partials' slots, for the wanted gradients' elements in
+// the flat order of a slot (layer by layer, weight then bias), then
+// `epilogue(k, begin, end)` on elements [begin, end) of the k-th wanted
+// gradient in that order, once they hold the batch's sum. One parallel region
+// over equal ranges of the flat order; each element is summed in partial order
+// (so the result does not depend on the thread count), and the epilogue sees
+// each element once.
+template <typename T, typename Epilogue>
+void reduce_row_partials(const NarrowChain<T>& c, int64_t partials, const T* partial_grads,
+                         const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, const Epilogue& epilogue) {
+  constexpr bool has_epilogue = !std::is_same_v<Epilogue, NoEpilogue>;
+  struct Target {
+    T* dst;
+    int64_t at, n;  // its offset in a slot, its elements
+  };
+  std::vector<Target> targets;
+  for (size_t l = 0; l < c.layers.size(); ++l) {
+    const ChainLayer<T>& layer = c.layers[l];
+    if (grad_w[l] != nullptr) targets.push_back({grad_w[l], layer.grad_w_at, layer.N * layer.K});
+    if (grad_b[l] != nullptr) targets.push_back({grad_b[l], layer.grad_b_at, layer.N});
+  }
+  if (partials == 1 && !has_epilogue) return;
+  int64_t total = 0;
+  for (const Target& t : targets) total += t.n;
+  // Elements [begin, end) of the flat order (targets are contiguous in it, in order).
+  auto run = [&](int64_t begin, int64_t end) {
+    int64_t start = 0;
+    for (size_t k = 0; k < targets.size(); ++k) {
+      const Target& t = targets[k];
+      const int64_t b = std::max<int64_t>(begin - start, 0), e = std::min<int64_t>(end - start, t.n);
+      start += t.n;
+      for (int64_t i0 = b; i0 < e; i0 += kReduceBlock) {
+        const int64_t i1 = std::min(e, i0 + kReduceBlock);
+        for (int64_t q = 1; q < partials; ++q) {
+          const T* src = partial_grads + (q - 1) * c.grad_elems + t.at;
+          for (int64_t i = i0; i < i1; ++i) t.dst[i] += src[i];
+        }
+        epilogue(k, i0, i1);
+      }
+    }
+  };
+  const int64_t work = total * (partials - 1 + (has_epilogue ? 4 : 0));  // an update costs a few sums
+  if (work < kReduceParallelElements || at::get_num_threads() == 1) {
+    run(0, total);
+    return;
+  }
+  const int64_t ranges = std::min<int64_t>(4 * at::get_num_threads(), (total + kReduceBlock - 1) / kReduceBlock);
+  const int64_t per = (total + ranges - 1) / ranges;
+  at::parallel_for(0, ranges, 1, [&](int64_t r_begin, int64_t r_end) {
+    run(r_begin * per, std::min(total, r_end * per));
+  });
+}
+
 // Runs `partial(r0, r1, scratch, grad_w, grad_b, prepared) -> double` for
 // every partial in one parallel region, each with scratch_per_row elements of
 // scratch per row: partial 0 writes the parameter gradients at grad_w / grad_b
 // (per layer, nullptr where not wanted), the others at their own slot of
-// c.grad_elems; then the slots are added to partial 0's in order. `prepared`
-// is what `prepare(once)` returned on that worker, called once per worker
-// (e.g. its packed weights; `once`, a vector of T, lives as long as the worker's
+// c.grad_elems; then the slots are added to partial 0's in order
+// (reduce_row_partials, with the epilogue that `after_partials()` returns,
+// called on this thread once the partials are done: e.g. the optimizer's
+// update, set up only once the gradients exist). `prepared` is what
+// `prepare(once)` returned on that worker, called once per worker (e.g. its
+// packed weights; `once`, a vector of T, lives as long as the worker's
 // partials). Returns the sum of what the partials return.
-template <typename T, typename Partial, typename Prepare>
+template <typename T, typename Partial, typename Prepare, typename AfterPartials = NoEpilogue (*)()>
 double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scratch_per_row,
                         const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, const Partial& partial,
-                        const Prepare& prepare) {
+                        const Prepare& prepare, const AfterPartials& after_partials = &no_epilogue) {
   const size_t L = c.layers.size();
   const int64_t rows_per = (c.batch + partials - 1) / partials;
   const int64_t scratch_per_partial = rows_per * scratch_per_row;
@@ -217,19 +284,8 @@ double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scrat
       result[q] = partial(r0, r1, scratch + q * scratch_per_partial, gw.data(), gb.data(), prepared);
     }
   });
-  for (size_t l = 0; l < L && partials > 1; ++l) {
-    const ChainLayer<T>& layer = c.layers[l];
-    for (const auto& [dst, offset, n] : {std::make_tuple(grad_w[l], layer.grad_w_at, layer.N * layer.K),
-                                         std::make_tuple(grad_b[l], layer.grad_b_at, layer.N)}) {
-      if (dst == nullptr) continue;
-      at::parallel_for(0, n, 16384, [&, dst = dst, offset = offset](int64_t begin, int64_t end) {
-        for (int64_t q = 1; q < partials; ++q) {
-          const T* src = partial_grads + (q - 1) * c.grad_elems + offset;
-          for (int64_t i = begin; i < end; ++i) dst[i] += src[i];
-        }
-      });
-    }
-  }
+  const auto epilogue = after_partials();
+  reduce_row_partials(c, partials, partial_grads, grad_w, grad_b, epilogue);
   double total = 0;
   for (double v : result) total += v;
   return total;
@@ -239,9 +295,10 @@ double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scrat
 // loss_rows(logits, r0, rows, grad) -> double: the loss of rows [r0, r0 + rows)
 // from their logits ([rows, N_out], contiguous), writing d loss / d logits at grad
 // in the same pass (a partial's rows only: any batch-wide scale is the caller's).
-template <typename T, typename LossRows>
+// after_partials: as run_row_partials'.
+template <typename T, typename LossRows, typename AfterPartials = NoEpilogue (*)()>
 double narrow_step(const NarrowChain<T>& c, const LossRows& loss_rows, const std::vector<T*>& grad_w,
-                   const std::vector<T*>& grad_b) {
+                   const std::vector<T*>& grad_b, const AfterPartials& after_partials = &no_epilogue) {
   const size_t L = c.layers.size();
   const int64_t widest = c.widest();
   int64_t macs_per_row = 0, outputs = 0;
@@ -281,7 +338,8 @@ double narrow_step(const NarrowChain<T>& c, const LossRows& loss_rows, const std
     return sum;
   };
   // Scratch per row: every layer's output, and two gradient buffers.
-  return run_row_partials(c, row_partials(c, macs_per_row), outputs + 2 * widest, grad_w, grad_b, partial, pack);
+  return run_row_partials(c, row_partials(c, macs_per_row), outputs + 2 * widest, grad_w, grad_b, partial, pack,
+                          after_partials);
 }
 
 // The backward alone, from saved activations: hidden (layer l's output at
