@@ -147,7 +147,7 @@ def test_train_step_with_autotune(batch: int) -> None:
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
     (decision,) = decisions("cpu_loss_step")
-    assert decision.startswith(f"cpu_loss_step:{batch}:200:")
+    assert decision.startswith(f"cpu_loss_step:{batch}:200:40:1:")
 
 
 def test_autotune_argument_checked() -> None:

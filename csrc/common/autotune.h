@@ -157,10 +157,14 @@ inline std::string autotune_key(const char* op, const std::vector<int64_t>& dims
   return key;
 }
 
-// The key of a whole chain's decision: batch, input features, every width.
-inline std::string chain_autotune_key(const char* op, const at::Tensor& input, at::TensorList weights) {
+// The key of a whole chain's decision: batch, input features, every width,
+// then `extra` (what else changes the candidates' costs: the gradients asked
+// for, the loss's options).
+inline std::string chain_autotune_key(const char* op, const at::Tensor& input, at::TensorList weights,
+                                      const std::vector<int64_t>& extra = {}) {
   std::vector<int64_t> dims{input.size(0), input.size(1)};
   for (const at::Tensor& w : weights) dims.push_back(w.size(0));
+  dims.insert(dims.end(), extra.begin(), extra.end());
   return autotune_key(op, dims, input);
 }
 

@@ -270,12 +270,9 @@ bool check_bce_step(const StepLossArgs& loss, const at::Tensor& input, const at:
 // The autotuner's key of a step: the chain's shapes, the loss and which gradients.
 std::string loss_step_key(const at::Tensor& input, at::TensorList weights, const StepLossArgs& loss, bool input_grad,
                           const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
-  std::vector<int64_t> dims{input.size(0), input.size(1), loss.kind, input_grad ? 1 : 0};
-  for (size_t l = 0; l < weights.size(); ++l) {
-    dims.push_back(weights[l].size(0));
-    dims.push_back((weight_mask[l] ? 1 : 0) + (bias_mask[l] ? 2 : 0));
-  }
-  return autotune_key("cpu_loss_step", dims, input);
+  std::vector<int64_t> extra{loss.kind, input_grad ? 1 : 0};
+  for (size_t l = 0; l < weights.size(); ++l) extra.push_back((weight_mask[l] ? 1 : 0) + (bias_mask[l] ? 2 : 0));
+  return chain_autotune_key("cpu_loss_step", input, weights, extra);
 }
 
 LossStepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,

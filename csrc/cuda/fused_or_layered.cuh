@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <functional>
+#include <vector>
 
 #include "common/autotune.h"
 #include "cuda/fused_chain.cuh"
@@ -44,13 +45,14 @@ inline double cuda_event_seconds(const std::function<void()>& fn) {
 }
 
 // Runs `fused` or `layered` for the chain; returns 0 for fused, 1 for layered.
-// `fused_preferred`: the heuristic (fused_chain_preferred on the plan).
+// `fused_preferred`: the heuristic (fused_chain_preferred on the plan); `key_extra`:
+// the decision key's options beyond the shapes (chain_autotune_key).
 template <class Fused, class Layered>
 int run_fused_or_layered(const char* op, const at::Tensor& input, at::TensorList weights, bool fused_preferred,
-                         const Fused& fused, const Layered& layered) {
+                         const Fused& fused, const Layered& layered, const std::vector<int64_t>& key_extra = {}) {
   const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  return Autotuner::instance().run([&] { return chain_autotune_key(op, input, weights); }, fused_preferred ? 0 : 1,
-                                   fused, layered, cuda_event_seconds, !capturing);
+  return Autotuner::instance().run([&] { return chain_autotune_key(op, input, weights, key_extra); },
+                                   fused_preferred ? 0 : 1, fused, layered, cuda_event_seconds, !capturing);
 }
 
 }  // namespace fastmlp::cuda

@@ -11,6 +11,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common/mlp_loss_ops.h"
 #include "cuda/bce_backend.cuh"
 #include "cuda/fused_or_layered.cuh"
@@ -23,6 +25,17 @@ namespace {
 
 using Generic = MlpLossOps<CudaKernels, CudaBceKernels, CudaMseKernels, CudaCrossEntropyKernels>;
 using StepResult = LossStepResult;
+
+// The options of a step that change what its candidates cost (its autotune key
+// beyond the shapes): the loss's weights and reduction, the gradients asked for.
+std::vector<int64_t> step_key_extra(const StepLossArgs& loss, bool input_grad, const c10::List<bool>& weight_mask,
+                                    const c10::List<bool>& bias_mask) {
+  std::vector<int64_t> extra{loss.weight.has_value() && loss.weight->defined() ? 1 : 0,
+                             loss.pos_weight.has_value() && loss.pos_weight->defined() ? 1 : 0, loss.reduction,
+                             input_grad ? 1 : 0};
+  for (size_t l = 0; l < weight_mask.size(); ++l) extra.push_back((weight_mask[l] ? 1 : 0) + (bias_mask[l] ? 2 : 0));
+  return extra;
+}
 
 StepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
                      const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu, const StepLossArgs& loss,
@@ -75,7 +88,7 @@ StepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::Tens
       result = {o.loss, o.grad_input, o.grad_weight, o.grad_bias};
     };
     run_fused_or_layered("cuda_bce_step", input, weights, fused_chain_preferred(p, plan), fused,
-                         [&] { result = layered(); });
+                         [&] { result = layered(); }, step_key_extra(loss, input_grad, weight_mask, bias_mask));
   });
   return planned ? result : layered();
 }
