@@ -338,16 +338,32 @@ def test_bitwise_across_thread_counts(opt_name: str) -> None:
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adam-amsgrad-maximize", "adamw-amsgrad-wd"])
+def profiled_fastmlp_ops(step: TrainStep, x: torch.Tensor, y: torch.Tensor) -> set[str]:
+    """The fastmlp ops the dispatcher records while ``step(x, y)`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x, y)
+    return {e.name for e in prof.events() if e.name.startswith("fastmlp::")}
+
+
+FUSED_UPDATE_CASES = [
+    ([300, 60, 20, 1], 200),  # 4 row partials, the reduction in parallel
+    ([300, 60, 20, 1], 4),  # one partial: the update on the calling thread
+    ([700, 100, 1], 4),  # one partial, 70k trainable elements: the update in parallel
+]
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "sgd-momentum", "adam", "adam-amsgrad-maximize", "adamw-amsgrad-wd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_update_is_the_separate_update_bitwise(opt_name: str, dtype: torch.dtype) -> None:
-    """The CPU step runs a small batch's update inside its gradient reduction;
+@pytest.mark.parametrize(("sizes", "batch"), FUSED_UPDATE_CASES)
+def test_fused_update_is_the_separate_update_bitwise(opt_name: str, dtype: torch.dtype, sizes, batch) -> None:
+    """The CPU step runs a small batch's update inside its gradient reduction
+    (the profiler then records no mlp_loss_step or optimizer_step inside it);
     it equals the gradients (mlp_loss_step) followed by optimizer_step bit for
-    bit, at every thread count (a model big enough that the reduction runs in
-    parallel, frozen layer and missing bias included)."""
+    bit, at every thread count, a frozen layer without bias included."""
     from torch_fastmlp._ops import ops
 
-    sizes = [300, 60, 20, 1]
     results = []
     default_threads = torch.get_num_threads()
     for threads in (1, 2, 3):
@@ -359,8 +375,11 @@ def test_fused_update_is_the_separate_update_bitwise(opt_name: str, dtype: torch
             step.optimizer = OPTIMIZERS[opt_name]([p for p in step.model.parameters() if p.requires_grad])
             twin = copy.deepcopy(step)
             for i in range(3):
-                x, y = data(200, sizes, seed=i, dtype=dtype)
-                step(x, y)
+                x, y = data(batch, sizes, seed=i, dtype=dtype)
+                if i == 0:
+                    step(x, y)  # a fresh optimizer: torch makes its state
+                else:
+                    assert profiled_fastmlp_ops(step, x, y) == {"fastmlp::mlp_train_step"}
                 plan = twin._plan(x, y)
                 if plan is None or plan.fresh:
                     twin(x, y)
@@ -384,6 +403,21 @@ def test_fused_update_is_the_separate_update_bitwise(opt_name: str, dtype: torch
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+def test_update_apart_where_the_fused_one_does_not_serve() -> None:
+    """Clipping, or a batch past the row partials, runs the gradients and then
+    the update (the profiler sees both ops inside the step)."""
+    sizes = [50, 20, 1]
+    for clip, batch in ((1.0, 64), (None, 300)):
+        ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+        step.max_grad_norm = clip
+        x, y = data(batch, sizes)
+        for _ in range(2):
+            eager_step(ref, torch.nn.BCEWithLogitsLoss(), ref_opt, x, y, clip=clip)
+            seen = profiled_fastmlp_ops(step, x, y)
+        assert {"fastmlp::mlp_train_step", "fastmlp::mlp_loss_step"} <= seen
+        assert_same_training(ref, ref_opt, step)
 
 
 # --- epoch ------------------------------------------------------------------

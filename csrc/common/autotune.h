@@ -157,6 +157,14 @@ inline std::string autotune_key(const char* op, const std::vector<int64_t>& dims
   return key;
 }
 
+// Appends one code per layer for the parameter gradients a step asks for
+// (1: the weight's, 2: the bias's), to a decision key's extra dims.
+template <class Masks>
+void append_mask_dims(std::vector<int64_t>& dims, const Masks& weight_mask, const Masks& bias_mask) {
+  for (size_t l = 0; l < weight_mask.size() && l < bias_mask.size(); ++l)
+    dims.push_back((weight_mask[l] ? 1 : 0) + (bias_mask[l] ? 2 : 0));
+}
+
 // The key of a whole chain's decision: batch, input features, every width,
 // then `extra` (what else changes the candidates' costs: the gradients asked
 // for, the loss's options).

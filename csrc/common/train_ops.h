@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <concepts>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -22,8 +23,10 @@ namespace fastmlp {
 
 using TrainStepResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
-// The gradients of a step: fastmlp::mlp_loss_step through the dispatcher, so
-// each backend's own kernel (row partials, tiles, the fused CUDA chain) runs.
+// The gradients of a step apart from its update: fastmlp::mlp_loss_step through
+// the dispatcher, so each backend's own kernel (row partials, tiles, the fused
+// CUDA chain) runs. (A backend's fused_step, where it serves, calls its
+// kernels directly: a profiler then records only mlp_train_step.)
 inline LossStepResult step_gradients(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
                                      const c10::List<std::optional<at::Tensor>>& biases, bool last_relu,
                                      const StepLossArgs& loss, const c10::List<bool>& weight_mask,
@@ -38,6 +41,16 @@ inline LossStepResult step_gradients(const at::Tensor& input, const at::Tensor& 
   return op.call(input, target, weights, biases, last_relu, loss.kind, loss.weight, loss.pos_weight, loss.reduction,
                  loss.ignore_index, loss.label_smoothing, false, weight_mask, bias_mask);
 }
+
+// Whether a backend's optimizer kernels run a whole step themselves:
+// Kernels::fused_step(input, target, weights, biases, last_relu, loss, weight_mask,
+// bias_mask, state, optimizer, hyper, max_grad_norm) -> optional<TrainStepResult>.
+template <class K>
+concept has_fused_step = requires(const at::Tensor& t, at::TensorList l, const c10::List<std::optional<at::Tensor>>& b,
+                                  const StepLossArgs& loss, const c10::List<bool>& m, c10::ArrayRef<double> h,
+                                  std::optional<double> g) {
+  { K::fused_step(t, t, l, b, true, loss, m, m, l, int64_t(0), h, g) } -> std::same_as<std::optional<TrainStepResult>>;
+};
 
 template <class OptimKernels> struct TrainOps {
   static TrainStepResult step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
@@ -137,7 +150,7 @@ template <class OptimKernels> struct TrainOps {
                                   const StepLossArgs& args, const c10::List<bool>& weight_mask,
                                   const c10::List<bool>& bias_mask, at::TensorList state, int64_t optimizer,
                                   c10::ArrayRef<double> hyper, std::optional<double> max_grad_norm) {
-    if constexpr (requires { OptimKernels::fused_step; }) {
+    if constexpr (has_fused_step<OptimKernels>) {
       if (auto fused = OptimKernels::fused_step(x, y, weights, biases, last_relu, args, weight_mask, bias_mask, state,
                                                 optimizer, hyper, max_grad_norm)) {
         return std::move(*fused);

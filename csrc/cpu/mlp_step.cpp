@@ -31,9 +31,12 @@
 #include "cpu/mse_backend.h"
 #include "cpu/narrow_step.h"
 #include "cpu/optim_kernels.h"
+#include "cpu/train_step.h"
 
 namespace fastmlp::cpu {
 namespace {
+
+static_assert(kOptimChunk % kReduceBlock == 0, "the fused update must split parameters where optimizer_step does");
 
 using Generic = MlpLossOps<CpuKernels, CpuBceKernels, CpuMseKernels, CpuCrossEntropyKernels>;
 using Layers = LayerOps<CpuKernels>;
@@ -173,11 +176,19 @@ double reduced_loss(const StepLossArgs& loss, double sum, double denominator) {
   return loss.reduction == kReductionMean ? sum / denominator : sum;
 }
 
-// A small batch: narrow_step's row partials in one parallel region.
+// What runs on a small batch's summed gradients: nothing (a loss step).
+struct NoUpdate {
+  template <typename T> NoEpilogue epilogue(const ChainTensors&) const { return {}; }
+};
+
+// A small batch: narrow_step's row partials in one parallel region. `after`'s
+// epilogue<T>(tensors), made once the gradients are complete, runs on each
+// block of them as the reduction sums it (e.g. the optimizer's update).
+template <class After = NoUpdate>
 LossStepResult row_partials_step(const at::Tensor& input, const at::Tensor& y, at::TensorList weights,
                                  const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu,
                                  const StepLossArgs& loss, bool input_grad, const c10::List<bool>& weight_mask,
-                                 const c10::List<bool>& bias_mask) {
+                                 const c10::List<bool>& bias_mask, const After& after = {}) {
   BelowAutograd below_autograd;
   ChainTensors t(input, weights, biases, input_grad, weight_mask, bias_mask);
   double value = 0;
@@ -185,7 +196,8 @@ LossStepResult row_partials_step(const at::Tensor& input, const at::Tensor& y, a
     std::vector<scalar_t*> gw, gb;
     const NarrowChain<scalar_t> chain = t.chain<scalar_t>(last_relu, gw, gb);
     with_row_loss<scalar_t>(loss, y, chain.batch, chain.layers.back().N, [&](const auto& rows, double denominator) {
-      value = reduced_loss(loss, narrow_step(chain, rows, gw, gb), denominator);
+      const auto after_partials = [&] { return after.template epilogue<scalar_t>(t); };
+      value = reduced_loss(loss, narrow_step(chain, rows, gw, gb, after_partials), denominator);
     });
   });
   auto [grad_input, grad_w, grad_b] = t.gradients();
@@ -267,25 +279,47 @@ bool check_bce_step(const StepLossArgs& loss, const at::Tensor& input, const at:
   return per_row(loss.weight) && per_row(loss.pos_weight);
 }
 
+// How loss_step runs a step whose arguments passed its checks: the generic
+// composition of the layer and loss ops, row partials (small batches) or tiles.
+enum class StepPath { kGeneric, kRowPartials, kTiles };
+
+StepPath step_path(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                   const StepLossArgs& loss) {
+  const int64_t batch = input.size(0), out_features = weights.back().size(0);
+  if (!chain_eligible(input, weights) ||
+      (loss.kind == kStepLossBce && !check_bce_step(loss, input, target, batch, out_features))) {
+    return StepPath::kGeneric;
+  }
+  // Row partials up to kRowPartialsSmallBatch rows; past that the half-batch tiles are as fast (measured,
+  // 784 -> 30 -> 1, row partials vs tiles: 240 vs 271 us at 256 rows, 421 vs 407 us at 512).
+  return batch <= kRowPartialsSmallBatch && row_partials_eligible(input, weights) ? StepPath::kRowPartials
+                                                                                   : StepPath::kTiles;
+}
+
 // The autotuner's key of a step: the chain's shapes, the loss and which gradients.
-std::string loss_step_key(const at::Tensor& input, at::TensorList weights, const StepLossArgs& loss, bool input_grad,
-                          const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
-  std::vector<int64_t> extra{loss.kind, input_grad ? 1 : 0};
-  for (size_t l = 0; l < weights.size(); ++l) extra.push_back((weight_mask[l] ? 1 : 0) + (bias_mask[l] ? 2 : 0));
+std::string loss_step_key(const at::Tensor& input, at::TensorList weights, bool last_relu, const StepLossArgs& loss,
+                          bool input_grad, const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
+  std::vector<int64_t> extra{loss.kind, loss.reduction, last_relu ? 1 : 0, input_grad ? 1 : 0};
+  append_mask_dims(extra, weight_mask, bias_mask);
   return chain_autotune_key("cpu_loss_step", input, weights, extra);
+}
+
+void check_loss_step_args(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                          const c10::List<c10::optional<at::Tensor>>& biases, const StepLossArgs& loss,
+                          const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
+  check_mlp_args(input, weights, biases);
+  check_step_loss(loss, input, target, input.size(0), weights.back().size(0));
+  TORCH_CHECK(weight_mask.size() == weights.size() && bias_mask.size() == weights.size(),
+              "fastmlp.mlp_bce_step: expected one weight_mask and bias_mask entry per layer (", weights.size(),
+              "), got ", weight_mask.size(), " and ", bias_mask.size());
 }
 
 LossStepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
                          const c10::List<c10::optional<at::Tensor>>& biases, bool last_relu, const StepLossArgs& loss,
                          bool input_grad, const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask) {
-  check_mlp_args(input, weights, biases);
-  const int64_t batch = input.size(0), out_features = weights.back().size(0);
-  check_step_loss(loss, input, target, batch, out_features);
-  TORCH_CHECK(weight_mask.size() == weights.size() && bias_mask.size() == weights.size(),
-              "fastmlp.mlp_bce_step: expected one weight_mask and bias_mask entry per layer (", weights.size(),
-              "), got ", weight_mask.size(), " and ", bias_mask.size());
-  if (!chain_eligible(input, weights) ||
-      (loss.kind == kStepLossBce && !check_bce_step(loss, input, target, batch, out_features))) {
+  check_loss_step_args(input, target, weights, biases, loss, weight_mask, bias_mask);
+  const StepPath path = step_path(input, target, weights, loss);
+  if (path == StepPath::kGeneric) {
     return Generic::step(input, target, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
   }
   const at::Tensor y = target.contiguous();
@@ -293,11 +327,9 @@ LossStepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::
   // the layer by layer composition (each layer's own BLAS or narrow kernels) faster.
   LossStepResult result;
   Autotuner::instance().run(
-      [&] { return loss_step_key(input, weights, loss, input_grad, weight_mask, bias_mask); }, 0,
+      [&] { return loss_step_key(input, weights, last_relu, loss, input_grad, weight_mask, bias_mask); }, 0,
       [&] {
-        // Row partials up to kRowPartialsSmallBatch rows; past that the half-batch tiles are as fast (measured,
-        // 784 -> 30 -> 1, row partials vs tiles: 240 vs 271 us at 256 rows, 421 vs 407 us at 512).
-        result = batch <= kRowPartialsSmallBatch && row_partials_eligible(input, weights)
+        result = path == StepPath::kRowPartials
                      ? row_partials_step(input, y, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask)
                      : tiled_step(input, y, weights, biases, last_relu, loss, input_grad, weight_mask, bias_mask);
       },
@@ -307,13 +339,61 @@ LossStepResult loss_step(const at::Tensor& input, const at::Tensor& target, at::
   return result;
 }
 
+// The optimizer's update as the epilogue of the gradient reduction. The
+// update's checks and its slots (Adam's step counts advance as they are made)
+// come once the gradients are complete, as in the separate path: the loss's
+// errors first, and nothing written before the last check.
+struct FusedUpdate {
+  at::TensorList weights;
+  const c10::List<std::optional<at::Tensor>>& biases;
+  const c10::List<bool>& weight_mask;
+  const c10::List<bool>& bias_mask;
+  at::TensorList state;
+  int64_t optimizer;
+  c10::ArrayRef<double> hyper;
+  // The trainable parameters and their gradients in layer order, weight then bias
+  // (the order of the reduction's gradients); filled by epilogue().
+  mutable std::vector<at::Tensor> params, grads;
+
+  template <typename T> auto epilogue(const ChainTensors& t) const {
+    using Optim = OptimOps<CpuOptimKernels>;
+    params.clear();
+    grads.clear();
+    for (size_t l = 0; l < weights.size(); ++l) {
+      if (weight_mask[l]) {
+        params.push_back(weights[l]);
+        grads.push_back(t.grad_w[l]);
+      }
+      if (bias_mask[l]) {
+        params.push_back(*biases.get(l));
+        grads.push_back(t.grad_b[l]);
+      }
+    }
+    Optim::check_args(params, grads, state, optimizer, hyper);
+    std::vector<SgdSlot<T>> sgd;
+    std::vector<AdamSlot<T>> adam;
+    if (optimizer == kOptimSgd) {
+      sgd = Optim::template sgd_slots<T>(params, grads, state, hyper);
+    } else {
+      adam = Optim::template adam_slots<T>(params, grads, state, hyper);
+    }
+    return [sgd = std::move(sgd), adam = std::move(adam)](size_t k, int64_t begin, int64_t end) {
+      if (!sgd.empty()) {
+        update_range(sgd[k], begin, end);
+      } else {
+        update_range(adam[k], begin, end);
+      }
+    };
+  }
+};
+
 }  // namespace
 
 // A small batch's row partials with the optimizer's update in their gradient
-// reduction: each range of elements is summed over the partials and updated
-// while it is in cache, in the region that sums them (no pass of its own, no
-// wake-up of its own; measured in bench_train). Clipping needs the whole
-// gradient's norm before the first update: the gradients and the update apart.
+// reduction: each block of elements is summed over the partials and updated
+// while it is in cache, in the region that sums them (no pass and no pool
+// wake-up of its own). Clipping needs the whole gradient's norm before the
+// first update: the gradients and the update apart.
 std::optional<TrainStepResult> fused_train_step(const at::Tensor& input, const at::Tensor& target,
                                                 at::TensorList weights,
                                                 const c10::List<std::optional<at::Tensor>>& biases, bool last_relu,
@@ -321,63 +401,27 @@ std::optional<TrainStepResult> fused_train_step(const at::Tensor& input, const a
                                                 const c10::List<bool>& bias_mask, at::TensorList state,
                                                 int64_t optimizer, c10::ArrayRef<double> hyper,
                                                 std::optional<double> max_grad_norm) {
-  if (max_grad_norm.has_value()) return std::nullopt;
-  // loss_step's checks, in its order.
-  check_mlp_args(input, weights, biases);
-  const int64_t batch = input.size(0), out_features = weights.back().size(0);
-  check_step_loss(loss, input, target, batch, out_features);
-  if (!chain_eligible(input, weights)) return std::nullopt;
-  if (loss.kind == kStepLossBce && !check_bce_step(loss, input, target, batch, out_features)) return std::nullopt;
-  if (batch > kRowPartialsSmallBatch || !row_partials_eligible(input, weights)) return std::nullopt;
+  // Cheap refusals first: loss_step checks the arguments again on the other path.
+  if (max_grad_norm.has_value() || input.dim() != 2 || input.size(0) > kRowPartialsSmallBatch) return std::nullopt;
+  bool any_trainable = false;
+  for (size_t l = 0; l < weight_mask.size() && l < bias_mask.size(); ++l)
+    any_trainable = any_trainable || weight_mask[l] || bias_mask[l];
+  if (!any_trainable) return std::nullopt;
+  check_loss_step_args(input, target, weights, biases, loss, weight_mask, bias_mask);
+  if (step_path(input, target, weights, loss) != StepPath::kRowPartials) return std::nullopt;
   // Autotuning: loss_step times the row partials against the layer by layer
   // composition at the first step of a shape (this step then runs apart);
   // the update is fused only into the row partials.
   const Autotuner& tuner = Autotuner::instance();
-  if (tuner.enabled() && tuner.cached_choice(loss_step_key(input, weights, loss, false, weight_mask, bias_mask)) != 0) {
+  if (tuner.enabled() &&
+      tuner.cached_choice(loss_step_key(input, weights, last_relu, loss, false, weight_mask, bias_mask)) != 0) {
     return std::nullopt;
   }
-
-  BelowAutograd below_autograd;
-  ChainTensors t(input, weights, biases, false, weight_mask, bias_mask);
-  std::vector<at::Tensor> params, grads;  // the trainable ones in layer order, weight then bias
-  for (size_t l = 0; l < weights.size(); ++l) {
-    if (weight_mask[l]) {
-      params.push_back(weights[l]);
-      grads.push_back(t.grad_w[l]);
-    }
-    if (bias_mask[l]) {
-      params.push_back(*biases.get(l));
-      grads.push_back(t.grad_b[l]);
-    }
-  }
-  if (params.empty()) return std::nullopt;
-  using Optim = OptimOps<CpuOptimKernels>;
-  Optim::check_args(params, grads, state, optimizer, hyper);
-  const at::Tensor y = target.contiguous();
-  double value = 0;
-  AT_DISPATCH_FLOATING_TYPES(t.x.scalar_type(), "fastmlp_fused_train_step", [&] {
-    std::vector<scalar_t*> gw, gb;
-    const NarrowChain<scalar_t> chain = t.chain<scalar_t>(last_relu, gw, gb);
-    with_row_loss<scalar_t>(loss, y, batch, out_features, [&](const auto& rows, double denominator) {
-      // make_slots runs once the gradients are complete (Adam's step counts advance in it).
-      auto run = [&](const auto& make_slots) {
-        decltype(make_slots()) slots;
-        const double sum = narrow_step(chain, rows, gw, gb, [&] {
-          slots = make_slots();
-          return [&slots](size_t k, int64_t begin, int64_t end) { update_range(slots[k], begin, end); };
-        });
-        value = reduced_loss(loss, sum, denominator);
-      };
-      if (optimizer == kOptimSgd) {
-        run([&] { return Optim::sgd_slots<scalar_t>(params, grads, state, hyper); });
-      } else {
-        run([&] { return Optim::adam_slots<scalar_t>(params, grads, state, hyper); });
-      }
-    });
-  });
-  Optim::bump_versions(params, grads, state, false);
-  auto [grad_input, grad_w, grad_b] = t.gradients();
-  return TrainStepResult{at::scalar_tensor(value, t.x.options()), grad_w, grad_b};
+  const FusedUpdate update{weights, biases, weight_mask, bias_mask, state, optimizer, hyper, {}, {}};
+  auto [loss_value, grad_input, grad_w, grad_b] = row_partials_step(
+      input, target.contiguous(), weights, biases, last_relu, loss, false, weight_mask, bias_mask, update);
+  OptimOps<CpuOptimKernels>::bump_versions(update.params, update.grads, state, false);
+  return TrainStepResult{loss_value, grad_w, grad_b};
 }
 
 }  // namespace fastmlp::cpu

@@ -24,6 +24,7 @@
 #include "common/layer_ops.h"  // or_empty
 #include "common/math.h"
 #include "cpu/narrow_gemm.h"
+#include "cpu/parallel_thresholds.h"
 #include "cpu/simd.h"
 
 namespace fastmlp::cpu {
@@ -192,60 +193,67 @@ struct NoEpilogue {
 };
 inline NoEpilogue no_epilogue() { return {}; }
 
-constexpr int64_t kReduceBlock = 1024;               // elements summed, then handed to the epilogue, at a time
-constexpr int64_t kReduceParallelElements = 1 << 14;  // below: the calling thread alone
+// Elements summed, then handed to the epilogue, at a time: blocks counted from
+// each gradient's start, so the epilogue sees the same ranges at any thread
+// count (and, 1024 dividing the optimizer's chunks, its vector loops split
+// each parameter where the separate update's do).
+constexpr int64_t kReduceBlock = 1024;
+// Below this many element visits (sums, or updates counted as a few sums): the
+// calling thread alone. A step's update after one partial, with the pool not
+// woken for its rows, stays alone below the separate update's threshold.
+constexpr int64_t kReduceParallelElements = 1 << 14;
+constexpr int64_t kUpdateCostInSums = 4;
 
-// grad[i] += the other partials' slots, for the wanted gradients' elements in
-// the flat order of a slot (layer by layer, weight then bias), then
-// `epilogue(k, begin, end)` on elements [begin, end) of the k-th wanted
-// gradient in that order, once they hold the batch's sum. One parallel region
-// over equal ranges of the flat order; each element is summed in partial order
-// (so the result does not depend on the thread count), and the epilogue sees
-// each element once.
+// grad[i] += the other partials' slots for each wanted gradient (layer by
+// layer, weight then bias: the k-th of them), then `epilogue(k, begin, end)` on
+// its elements [begin, end) once they hold the batch's sum. One parallel
+// region over fixed blocks; each element is summed in partial order, so the
+// result does not depend on the thread count.
 template <typename T, typename Epilogue>
 void reduce_row_partials(const NarrowChain<T>& c, int64_t partials, const T* partial_grads,
                          const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, const Epilogue& epilogue) {
   constexpr bool has_epilogue = !std::is_same_v<Epilogue, NoEpilogue>;
-  struct Target {
+  if (partials == 1 && !has_epilogue) return;
+  struct Block {
+    size_t k;  // which gradient
     T* dst;
-    int64_t at, n;  // its offset in a slot, its elements
+    const T* src;  // partial 1's slot of it (the others follow at grad_elems strides)
+    int64_t begin, end;
   };
-  std::vector<Target> targets;
+  std::vector<Block> blocks;
+  int64_t total = 0;
+  size_t k = 0;
   for (size_t l = 0; l < c.layers.size(); ++l) {
     const ChainLayer<T>& layer = c.layers[l];
-    if (grad_w[l] != nullptr) targets.push_back({grad_w[l], layer.grad_w_at, layer.N * layer.K});
-    if (grad_b[l] != nullptr) targets.push_back({grad_b[l], layer.grad_b_at, layer.N});
-  }
-  if (partials == 1 && !has_epilogue) return;
-  int64_t total = 0;
-  for (const Target& t : targets) total += t.n;
-  // Elements [begin, end) of the flat order (targets are contiguous in it, in order).
-  auto run = [&](int64_t begin, int64_t end) {
-    int64_t start = 0;
-    for (size_t k = 0; k < targets.size(); ++k) {
-      const Target& t = targets[k];
-      const int64_t b = std::max<int64_t>(begin - start, 0), e = std::min<int64_t>(end - start, t.n);
-      start += t.n;
-      for (int64_t i0 = b; i0 < e; i0 += kReduceBlock) {
-        const int64_t i1 = std::min(e, i0 + kReduceBlock);
-        for (int64_t q = 1; q < partials; ++q) {
-          const T* src = partial_grads + (q - 1) * c.grad_elems + t.at;
-          for (int64_t i = i0; i < i1; ++i) t.dst[i] += src[i];
-        }
-        epilogue(k, i0, i1);
+    for (const auto& [dst, at, n] : {std::make_tuple(grad_w[l], layer.grad_w_at, layer.N * layer.K),
+                                     std::make_tuple(grad_b[l], layer.grad_b_at, layer.N)}) {
+      if (dst == nullptr) continue;
+      for (int64_t b = 0; b < n; b += kReduceBlock) {
+        blocks.push_back({k, dst, partial_grads + at, b, std::min(n, b + kReduceBlock)});
       }
+      total += n;
+      ++k;
+    }
+  }
+  auto run = [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const Block& blk = blocks[i];
+      for (int64_t q = 1; q < partials; ++q) {
+        const T* src = blk.src + (q - 1) * c.grad_elems;
+        for (int64_t e = blk.begin; e < blk.end; ++e) blk.dst[e] += src[e];
+      }
+      epilogue(blk.k, blk.begin, blk.end);
     }
   };
-  const int64_t work = total * (partials - 1 + (has_epilogue ? 4 : 0));  // an update costs a few sums
-  if (work < kReduceParallelElements || at::get_num_threads() == 1) {
-    run(0, total);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+  const bool parallel =
+      partials > 1 ? total * (partials - 1 + (has_epilogue ? kUpdateCostInSums : 0)) >= kReduceParallelElements
+                   : total >= kParallelUpdateElements;
+  if (!parallel || at::get_num_threads() == 1) {
+    run(0, n_blocks);
     return;
   }
-  const int64_t ranges = std::min<int64_t>(4 * at::get_num_threads(), (total + kReduceBlock - 1) / kReduceBlock);
-  const int64_t per = (total + ranges - 1) / ranges;
-  at::parallel_for(0, ranges, 1, [&](int64_t r_begin, int64_t r_end) {
-    run(r_begin * per, std::min(total, r_end * per));
-  });
+  at::parallel_for(0, n_blocks, 1, run);
 }
 
 // Runs `partial(r0, r1, scratch, grad_w, grad_b, prepared) -> double` for

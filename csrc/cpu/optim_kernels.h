@@ -21,7 +21,9 @@
 #include <vector>
 
 #include "common/train_ops.h"
+#include "cpu/parallel_thresholds.h"
 #include "cpu/simd.h"
+#include "cpu/train_step.h"
 
 namespace fastmlp::cpu {
 
@@ -65,8 +67,9 @@ template <typename T> void update_range(const AdamSlot<T>& s, int64_t begin, int
   s.max_exp_avg_sq != nullptr ? adam_range<T, true>(s, begin, end) : adam_range<T, false>(s, begin, end);
 }
 
-constexpr int64_t kOptimChunk = 16384;           // elements per work item
-constexpr int64_t kOptimParallelElements = 1 << 16;  // below: one thread (the pool's wake-up costs more)
+// Elements per work item: a multiple of narrow_step.h's kReduceBlock, so the update
+// inside the training step splits each parameter where this one does.
+constexpr int64_t kOptimChunk = 16384;
 
 // A work item: elements [begin, end) of slot `slot`.
 struct OptimChunk {
@@ -88,7 +91,7 @@ template <class Slot> std::vector<OptimChunk> chunks_of(const std::vector<Slot>&
 template <class Slot, class Fn> void for_each_chunk(const std::vector<Slot>& slots, const Fn& fn) {
   int64_t total = 0;
   const std::vector<OptimChunk> chunks = chunks_of(slots, &total);
-  if (total < kOptimParallelElements) {
+  if (total < kParallelUpdateElements) {
     for (const OptimChunk& c : chunks) fn(slots[c.slot], c.begin, c.end);
     return;
   }
@@ -96,17 +99,6 @@ template <class Slot, class Fn> void for_each_chunk(const std::vector<Slot>& slo
     for (int64_t i = begin; i < end; ++i) fn(slots[chunks[i].slot], chunks[i].begin, chunks[i].end);
   });
 }
-
-// The training step with the update inside the gradient reduction of a
-// small batch's row partials (cpu/mlp_step.cpp); nullopt where it does not
-// serve the step (TrainOps then runs the gradients and the update apart).
-std::optional<TrainStepResult> fused_train_step(const at::Tensor& input, const at::Tensor& target,
-                                                at::TensorList weights,
-                                                const c10::List<std::optional<at::Tensor>>& biases, bool last_relu,
-                                                const StepLossArgs& loss, const c10::List<bool>& weight_mask,
-                                                const c10::List<bool>& bias_mask, at::TensorList state,
-                                                int64_t optimizer, c10::ArrayRef<double> hyper,
-                                                std::optional<double> max_grad_norm);
 
 struct CpuOptimKernels {
   struct Guard {
@@ -160,7 +152,7 @@ struct CpuOptimKernels {
         partial[c] = sum_squares<T>(slots[chunks[c].slot].grad, chunks[c].begin, chunks[c].end);
     };
     const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-    if (total_elems < kOptimParallelElements) {
+    if (total_elems < kParallelUpdateElements) {
       run(0, n_chunks);
     } else {
       at::parallel_for(0, n_chunks, 1, run);

@@ -33,7 +33,7 @@ std::vector<int64_t> step_key_extra(const StepLossArgs& loss, bool input_grad, c
   std::vector<int64_t> extra{loss.weight.has_value() && loss.weight->defined() ? 1 : 0,
                              loss.pos_weight.has_value() && loss.pos_weight->defined() ? 1 : 0, loss.reduction,
                              input_grad ? 1 : 0};
-  for (size_t l = 0; l < weight_mask.size(); ++l) extra.push_back((weight_mask[l] ? 1 : 0) + (bias_mask[l] ? 2 : 0));
+  append_mask_dims(extra, weight_mask, bias_mask);
   return extra;
 }
 
