@@ -23,17 +23,12 @@ Phases:
   shuffle=True)``, ``TrainStep.epoch``, and a JAX loop over a jitted step with
   the rows gathered through a permutation.
 
-The ``gemm-floor`` variant (train phase) is no training step: only the first
-layer's two matrix products that every fp32 step must compute, the forward
+The ``first-layer-blas`` variant (train phase) is no training step: only the
+first layer's two matrix products that every fp32 step computes, the forward
 ``x @ W0.T`` and the weight gradient ``g.T @ x``, through torch's BLAS on the
-same batches. Its time is a floor for any step on this machine at full fp32
-precision, so ``eager / gemm-floor`` bounds the speed-up that is reachable at
-all (at large batches the step is compute-bound).
-
-Every variant starts from the same weights; variants alternate round by round
-in one process, and each cell reports the median and minimum over rounds (this
-machine's timings move 20-50% between processes, so compare ratios within one
-run). Results go to ``bench/results/train-<device>-<date>.{json,md}``.
+same batches: what a step that runs them with BLAS pays at least. The header
+of the results also gives this machine's fp32 GEMM rate (a square SGEMM),
+which bounds any step's time from below by its multiply-adds.
 """
 
 from __future__ import annotations
@@ -156,9 +151,9 @@ def torch_variant(kind: str, base: nn.Sequential, loss: str = "bce", opt: str = 
 
 def first_layer_gemms(base: nn.Sequential, batch: int, device: str) -> Callable[[torch.Tensor, Any], Any]:
     """The first layer's forward and weight-gradient products alone (the
-    ``gemm-floor`` variant), with a fixed output gradient of the batch's shape."""
+    ``first-layer-blas`` variant), with a fixed output gradient of the batch's shape."""
     w = next(m for m in base if isinstance(m, nn.Linear)).weight.detach().to(device)
-    g = torch.randn(batch, w.shape[0], device=device)
+    g = torch.randn(batch, w.shape[0], generator=torch.Generator().manual_seed(0)).to(device)
 
     def run(x: torch.Tensor, _y: Any) -> Any:
         gb = g if x.shape[0] == batch else g[: x.shape[0]]
@@ -279,7 +274,7 @@ def bench_train(
 
             jpool = [(jnp.asarray(a.cpu().numpy()), jnp.asarray(b.cpu().numpy())) for a, b in pool]
             fns[v] = cycling(jpool, js[0])
-        elif v == "gemm-floor":
+        elif v == "first-layer-blas":
             fns[v] = cycling(pool, first_layer_gemms(base, batch, device))
         else:
             step = torch_variant(v, base, loss, opt)
@@ -356,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--phases", default="train,epoch")
     p.add_argument("--batch-sizes", default="64,256,2048,12396")
     p.add_argument("--epoch-batch-sizes", default="64,256,2048")
-    p.add_argument("--variants", default="eager,eager-fused-adam,compile,fused-classifier,trainstep,jax,gemm-floor")
+    p.add_argument(
+        "--variants", default="eager,eager-fused-adam,compile,fused-classifier,trainstep,jax,first-layer-blas"
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget", type=float, default=0.2, help="seconds per variant per round (train)")
     p.add_argument("--threads", type=int, default=None)
@@ -370,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         dims, loss, opt = parse_workload(wl)
         batches = args.batch_sizes if phase == "train" else args.epoch_batch_sizes
         for batch in (int(b) for b in batches.split(",")):
-            vs = [v for v in variants if phase == "train" or v not in ("compile", "gemm-floor")]
+            vs = [v for v in variants if phase == "train" or v not in ("compile", "first-layer-blas")]
             if phase == "train":
                 times = bench_train(dims, loss, opt, batch, args.device, args.rounds, args.budget, vs)
             else:
@@ -391,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "commit": git_commit(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "sgemm_gflops": round(sgemm_gflops(args.device)),
         "command": "python -m bench.bench_train " + " ".join(argv or []),
     }
     out = args.out or RESULTS / f"train-{args.device}-{dt.datetime.now():%Y-%m-%d_%H%M%S}.json"
@@ -400,10 +398,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
+def sgemm_gflops(device: str, n: int = 2048) -> float:
+    """This machine's fp32 GEMM rate: the fastest of 5 square n x n products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Training step / epoch benchmark ({meta['device']}, {meta['threads']} threads)", "",
              f"{meta['cpu']}, torch {meta['torch']}, jax {meta.get('jax')}, commit {meta['commit']}, {meta['date']}, "
-             f"load {meta['load_avg_1m']}.",
+             f"load {meta['load_avg_1m']}, fp32 SGEMM {meta.get('sgemm_gflops')} GFLOP/s.",
              "Median over rounds (min in brackets); speedup = eager median / variant median.", "",
              "| workload | phase | batch | variant | median | min | vs eager |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
