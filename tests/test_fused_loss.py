@@ -70,6 +70,21 @@ def test_float64_grad_output_scaling_and_input_gradient() -> None:
     assert_same_gradients(ref, fused, rtol=1e-11, atol=1e-12)
 
 
+def test_scaled_backward_is_each_gradient_times_the_seed() -> None:
+    """A non-unit seed scales every stored gradient in one multi-tensor multiply
+    (one launch on CUDA): bitwise the gradients of a unit seed times the seed."""
+    _, _, fused = twins("bce-pos-weight", [20, 12, 5])
+    x, y = targets("bce-pos-weight", 40, [20, 12, 5])
+    x = x.requires_grad_()
+    fused(x, y).backward()
+    unit = [p.grad.clone() for p in fused.model.parameters()] + [x.grad.clone()]
+    fused.model.zero_grad()
+    x.grad = None
+    (fused(x, y) * 2.5).backward()
+    for got, base in zip([p.grad for p in fused.model.parameters()] + [x.grad], unit, strict=True):
+        assert torch.equal(got, base * 2.5)
+
+
 def test_what_the_op_does_not_take_runs_the_modules() -> None:
     sizes = [8, 6, 5]
     ref, ref_loss, fused = twins("mse-mean", sizes)

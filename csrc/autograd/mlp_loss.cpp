@@ -71,13 +71,15 @@ struct MLPLossFunction : public torch::autograd::Function<MLPLossFunction> {
     const at::Tensor& grad_loss = grad_outputs[0];
     const bool unit = is_unit_seed(grad_loss);
     const variable_list grads = ctx->get_saved_variables();
+    std::vector<bool> wanted(grads.size());
+    wanted[0] = ctx->needs_input_grad(0);  // input (edge 1 is the target)
+    for (size_t i = 1; i < grads.size(); ++i) wanted[i] = ctx->needs_input_grad(i + 1);
+    std::vector<at::Tensor> scaled_grads = scaled_all(grads, grad_loss, unit, wanted);
     variable_list out;
-    out.reserve(grads.size() + 6);
-    out.push_back(scaled(grads[0], grad_loss, unit, ctx->needs_input_grad(0)));  // input
-    out.emplace_back();                                                         // target
-    for (size_t i = 1; i < grads.size(); ++i) {
-      out.push_back(scaled(grads[i], grad_loss, unit, ctx->needs_input_grad(i + 1)));
-    }
+    out.reserve(grads.size() + 9);
+    out.push_back(std::move(scaled_grads[0]));  // input
+    out.emplace_back();                         // target
+    for (size_t i = 1; i < grads.size(); ++i) out.push_back(std::move(scaled_grads[i]));
     out.resize(out.size() + 8);  // has_bias, last_relu, kind, weight, pos_weight, reduction, ignore_index, smoothing
     return out;
   }
