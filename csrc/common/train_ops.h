@@ -42,6 +42,26 @@ inline LossStepResult step_gradients(const at::Tensor& input, const at::Tensor& 
                  loss.ignore_index, loss.label_smoothing, false, weight_mask, bias_mask);
 }
 
+// The trainable parameters in layer order (weight, then bias) and their
+// gradients: the lists the update takes, in the order of its state and hyper.
+inline void trainable_with_grads(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                                 const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask,
+                                 const std::vector<at::Tensor>& grad_w, const std::vector<at::Tensor>& grad_b,
+                                 std::vector<at::Tensor>& params, std::vector<at::Tensor>& grads) {
+  params.clear();
+  grads.clear();
+  for (size_t l = 0; l < weights.size(); ++l) {
+    if (weight_mask.get(l)) {
+      params.push_back(weights[l]);
+      grads.push_back(grad_w[l]);
+    }
+    if (bias_mask.get(l)) {
+      params.push_back(*biases.get(l));
+      grads.push_back(grad_b[l]);
+    }
+  }
+}
+
 // Whether a backend's optimizer kernels run a whole step themselves:
 // Kernels::fused_step(input, target, weights, biases, last_relu, loss, weight_mask,
 // bias_mask, state, optimizer, hyper, max_grad_norm) -> optional<TrainStepResult>.
@@ -175,23 +195,14 @@ template <class OptimKernels> struct TrainOps {
     }
   }
 
-  // The trainable parameters in layer order (weight, then bias), with their gradients.
+  // The update of the trainable parameters with their gradients.
   static void update(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                      const c10::List<bool>& weight_mask, const c10::List<bool>& bias_mask,
                      const std::vector<at::Tensor>& grad_w, const std::vector<at::Tensor>& grad_b,
                      at::TensorList state, int64_t optimizer, c10::ArrayRef<double> hyper,
                      std::optional<double> max_grad_norm) {
     std::vector<at::Tensor> params, grads;
-    for (size_t l = 0; l < weights.size(); ++l) {
-      if (weight_mask.get(l)) {
-        params.push_back(weights[l]);
-        grads.push_back(grad_w[l]);
-      }
-      if (bias_mask.get(l)) {
-        params.push_back(*biases.get(l));
-        grads.push_back(grad_b[l]);
-      }
-    }
+    trainable_with_grads(weights, biases, weight_mask, bias_mask, grad_w, grad_b, params, grads);
     OptimOps<OptimKernels>::step(params, grads, state, optimizer, hyper, max_grad_norm);
   }
 };

@@ -357,18 +357,7 @@ struct FusedUpdate {
 
   template <typename T> auto epilogue(const ChainTensors& t) const {
     using Optim = OptimOps<CpuOptimKernels>;
-    params.clear();
-    grads.clear();
-    for (size_t l = 0; l < weights.size(); ++l) {
-      if (weight_mask[l]) {
-        params.push_back(weights[l]);
-        grads.push_back(t.grad_w[l]);
-      }
-      if (bias_mask[l]) {
-        params.push_back(*biases.get(l));
-        grads.push_back(t.grad_b[l]);
-      }
-    }
+    trainable_with_grads(weights, biases, weight_mask, bias_mask, t.grad_w, t.grad_b, params, grads);
     Optim::check_args(params, grads, state, optimizer, hyper);
     std::vector<SgdSlot<T>> sgd;
     std::vector<AdamSlot<T>> adam;
