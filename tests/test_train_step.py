@@ -236,6 +236,102 @@ def test_scheduler_and_switching_with_eager() -> None:
     assert_same_training(ref, ref_opt, step)
 
 
+def _reset_state(opt: torch.optim.Optimizer) -> None:
+    opt.state.clear()
+
+
+def _replace_state_dict(opt: torch.optim.Optimizer) -> None:
+    p = opt.param_groups[0]["params"][0]
+    opt.state[p] = {k: v.clone() * 0.5 for k, v in opt.state[p].items()}
+
+
+def _replace_state_tensor(opt: torch.optim.Optimizer) -> None:
+    p = opt.param_groups[0]["params"][1]
+    opt.state[p]["exp_avg"] = torch.zeros_like(opt.state[p]["exp_avg"])
+
+
+def _reload_state(opt: torch.optim.Optimizer) -> None:
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+def _new_betas(opt: torch.optim.Optimizer) -> None:
+    opt.param_groups[0]["betas"] = (0.5, 0.9)
+
+
+def _amsgrad_on(opt: torch.optim.Optimizer) -> None:
+    opt.param_groups[0]["amsgrad"] = True
+
+
+def _new_lr(opt: torch.optim.Optimizer) -> None:
+    opt.param_groups[0]["lr"] = 0.003
+
+
+def _swap_in_group(opt: torch.optim.Optimizer) -> None:
+    params = opt.param_groups[0]["params"]
+    opt.param_groups[0]["params"] = params[:2]
+    opt.add_param_group({"params": params[2:], "lr": 0.02})
+
+
+# Changes between two fused steps of one TrainStep, made to the model (m) and
+# optimizer (o) of the TrainStep and of the eager twin alike.
+PLAN_CHANGES: dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
+    "freeze": lambda m, o: m[0].weight.requires_grad_(False),
+    "new-param-object": lambda m, o: setattr(m[2], "bias", nn.Parameter(m[2].bias.detach() + 0.1)),
+    "replaced-layer": lambda m, o: m.__setitem__(2, copy.deepcopy(m[2])),
+    "data-non-contiguous": lambda m, o: setattr(m[2].weight, "data", m[2].weight.detach().t().contiguous().t()),
+    "data-same-shape": lambda m, o: setattr(m[0].weight, "data", m[0].weight.detach() * 0.5),
+    "to-float64": lambda m, o: (m.double(), _reset_state(o)),  # float32 state would fail eager's update
+    "state-cleared": lambda m, o: _reset_state(o),
+    "state-dict-replaced": lambda m, o: _replace_state_dict(o),
+    "state-tensor-replaced": lambda m, o: _replace_state_tensor(o),
+    "optimizer-reloaded": lambda m, o: _reload_state(o),
+    "lr": lambda m, o: _new_lr(o),
+    "betas": lambda m, o: _new_betas(o),
+    "amsgrad": lambda m, o: _amsgrad_on(o),
+    "regrouped": lambda m, o: _swap_in_group(o),
+}
+
+
+@pytest.mark.parametrize("change", list(PLAN_CHANGES))
+def test_plan_of_the_last_step_is_not_reused_after_a_change(change: str) -> None:
+    """TrainStep reuses the previous step's plan while what it was read from is
+    unchanged: a change to the model's parameters or the optimizer's groups,
+    options or state between two steps gives the eager loop's training (or
+    its error)."""
+    sizes = [12, 10, 3]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+    loss_fn = nn.BCEWithLogitsLoss()
+    dtype = torch.float32
+    for i in range(6):
+        if i == 3:
+            PLAN_CHANGES[change](ref, ref_opt)
+            PLAN_CHANGES[change](step.model, step.optimizer)
+            dtype = ref[0].weight.dtype
+        x, y = data(16, sizes, seed=i, dtype=dtype)
+        try:
+            expected = eager_step(ref, loss_fn, ref_opt, x, y)
+        except Exception as e:  # amsgrad turned on: torch's Adam has no max_exp_avg_sq to read
+            with pytest.raises(type(e)):
+                step(x, y)
+            return
+        torch.testing.assert_close(step(x, y), expected)
+    assert_same_training(ref, ref_opt, step)
+
+
+def test_plan_reused_while_nothing_changed() -> None:
+    """Steps after the first that made the state reuse one plan."""
+    sizes = [12, 10, 1]
+    _, _, step = twins(sizes, OPTIMIZERS["adam"])
+    x, y = data(16, sizes)
+    step(x, y)
+    plans = set()
+    for _ in range(3):
+        step(x, y)
+        plans.add(id(step._last_plan))
+    assert len(plans) == 1 and step._last_plan is not None
+    assert copy.deepcopy(step)._last_plan is None  # copies plan afresh
+
+
 def test_checkpoint_resume(tmp_path) -> None:
     sizes = [12, 10, 1]
     ref, ref_opt, step = twins(sizes, OPTIMIZERS["adamw-amsgrad-wd"])
@@ -388,7 +484,8 @@ def test_fused_update_is_the_separate_update_bitwise(opt_name: str, dtype: torch
                 with torch.no_grad():
                     _, _, gw, gb = ops.mlp_loss_step(x, y, plan.weights, plan.biases, plan.chain.last_relu,
                                                      *loss_args, False, plan.weight_mask, plan.bias_mask)  # fmt: skip
-                    grads = twin._set_grads(plan, gw, gb)
+                    twin._set_grads(plan, gw, gb)
+                    grads = [p.grad for p in plan.trainable]
                     ops.optimizer_step(plan.trainable, grads, plan.state, plan.kind, plan.hyper, None)
             for p, q in zip(step.model.parameters(), twin.model.parameters(), strict=True):
                 assert torch.equal(p, q)
@@ -491,6 +588,29 @@ def test_op_registered_and_opcheck() -> None:
             plan.state, plan.kind, plan.hyper, None)  # fmt: skip
     torch.library.opcheck(torch.ops.fastmlp.mlp_train_step.default, args,
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+def test_train_op_runs_below_autograd_in_grad_mode() -> None:
+    """The training ops are not differentiable: under grad mode they update the
+    parameters (which require grad) as under no_grad, record no graph, return
+    detached results and count the updates as in-place modifications."""
+    sizes = [6, 5, 1]
+    results = []
+    for grad_mode in (False, True):
+        _, _, step = twins(sizes, OPTIMIZERS["adam"])
+        x, y = data(9, sizes)
+        step(x, y)
+        plan = step._plan(x, y)
+        versions = [p._version for p in plan.trainable]
+        args = (x, y, plan.weights, plan.biases, False, 0, None, None, 1, -100, 0.0, plan.weight_mask,
+                plan.bias_mask, plan.state, plan.kind, plan.hyper, None)  # fmt: skip
+        with torch.set_grad_enabled(grad_mode):
+            loss, grad_w, grad_b = torch.ops.fastmlp.mlp_train_step(*args)
+        assert all(not t.requires_grad and t.grad_fn is None for t in (loss, *grad_w, *grad_b))
+        assert all(p._version > v for p, v in zip(plan.trainable, versions, strict=True))
+        results.append([loss, *[p.detach().clone() for p in plan.trainable]])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_update_and_epoch_ops_opcheck() -> None:

@@ -18,8 +18,10 @@ does not serve runs the eager lines above (same results, torch's errors).
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -33,6 +35,8 @@ from .modules import _Chain, _chain_fusable, _has_hooks, _whole_chain
 __all__ = ["TrainStep"]
 
 _SGD, _ADAM = 0, 1
+_requires_grad = attrgetter("requires_grad")
+_values_of = itertools.chain.from_iterable
 _CUDA_MAX_PARAMS = 24  # parameters one launch of the CUDA update takes (kOptimMaxSlots in cuda/optim.cuh)
 
 
@@ -84,7 +88,9 @@ class _Plan:
 
     __slots__ = (
         "chain", "weights", "biases", "weight_mask", "bias_mask", "trainable", "state", "hyper", "kind", "fresh",
-        "loss",
+        "loss", "dtype", "device", "weight_ids", "bias_ids", "frozen", "groups", "group_keys", "hyper_of_group",
+        "group_of_trainable", "opt_state", "state_key_ids", "state_value_ids", "check_capture", "trainable_weights",
+        "trainable_biases",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -94,11 +100,90 @@ class _Plan:
         self.weight_mask: list[bool] = []
         self.bias_mask: list[bool] = []
         self.trainable: list[torch.Tensor] = []
+        self.trainable_weights: list[tuple[int, torch.Tensor]] = []  # (layer, weight) where weight_mask is on
+        self.trainable_biases: list[tuple[int, torch.Tensor]] = []
         self.state: list[torch.Tensor] = []
         self.hyper: list[float] = []
         self.kind = _SGD
         self.fresh = False  # some optimizer state is not made yet: the eager step makes it
         self.loss = _BCE
+        # What the plan was read from, to tell whether it still holds for the next step
+        # (_Plan.holds): the objects by identity (the plan keeps them alive, so their
+        # ids are not reused), the values that can change between steps by value.
+        self.dtype: torch.dtype
+        self.device: torch.device
+        self.weight_ids: list[int] = []
+        self.bias_ids: list[int] = []  # id(None) for a layer without bias
+        self.frozen: list[torch.Tensor] = []  # the chain's parameters with requires_grad=False
+        self.groups: list[dict[str, Any]] = []  # optimizer.param_groups, the list itself
+        self.group_keys: list[tuple[dict[str, Any], list[int], object]] = []  # group, ids of its params, capturable
+        self.hyper_of_group: list[tuple[float, ...] | None] = []
+        self.group_of_trainable: list[int] = []
+        self.opt_state: dict[torch.Tensor, Any] = {}  # optimizer.state, the dict itself
+        self.state_key_ids: list[int] = []  # its keys (parameters), in order
+        self.state_value_ids: list[int] = []  # the values of every parameter's state dict, in order
+        self.check_capture = False  # a CPU step count on CUDA: refused while a graph is captured
+
+    def holds(
+        self,
+        chain: _Chain,
+        kind: int,
+        loss: int,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor | None],
+        input: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+    ) -> bool:
+        """Whether this plan, made for an earlier step, is the one _plan_params
+        would make now: the same parameters (identity, requires_grad, contiguous),
+        optimizer groups (the same dicts, members and options) and state (the same
+        dicts and tensors). A changed learning rate (an LR scheduler) is taken
+        over in place; any other change makes a new plan."""
+        if chain is not self.chain or kind != self.kind or loss != self.loss:
+            return False
+        if input.dtype is not self.dtype or input.device != self.device:
+            return False
+        if list(map(id, weights)) != self.weight_ids or list(map(id, biases)) != self.bias_ids:
+            return False
+        # requires_grad as planned: every trainable parameter still, no frozen one (not None) now.
+        if not all(map(_requires_grad, self.trainable)) or any(map(_requires_grad, self.frozen)):
+            return False
+        if not all(map(torch.Tensor.is_contiguous, self.trainable)):
+            return False
+        groups = optimizer.param_groups
+        state = optimizer.state
+        if groups is not self.groups or len(groups) != len(self.group_keys) or state is not self.opt_state:
+            return False
+        adam = kind == _ADAM
+        for index, (group, (known, ids, capturable)) in enumerate(zip(groups, self.group_keys, strict=True)):
+            if group is not known or group.get("capturable") is not capturable or list(map(id, group["params"])) != ids:
+                return False
+            old = self.hyper_of_group[index]
+            if old is None:
+                continue  # none of the chain's parameters is in this group
+            hyper = _adam_hyper(group) if adam else _sgd_hyper(group)
+            if hyper != old:
+                if hyper is None or hyper[1:] != old[1:]:
+                    return False
+                self._set_lr(index, hyper)
+        # The state: the same parameters, per-parameter dicts and tensors in them (a
+        # load_state_dict replaces optimizer.state itself; a reset replaces or clears
+        # a parameter's dict). Over the whole state at C speed, not per parameter.
+        if list(map(id, state)) != self.state_key_ids:
+            return False
+        try:
+            if list(map(id, _values_of(map(dict.values, state.values())))) != self.state_value_ids:
+                return False
+        except TypeError:  # a state entry that is not a dict: whatever it is, not what was planned
+            return False
+        return not (self.check_capture and torch.cuda.is_current_stream_capturing())
+
+    def _set_lr(self, index: int, hyper: tuple[float, ...]) -> None:
+        """Group ``index``'s new hyper-parameters, which differ in ``lr`` alone."""
+        self.hyper_of_group[index] = hyper
+        for k, group in enumerate(self.group_of_trainable):
+            if group == index:
+                self.hyper[8 * k] = hyper[0]
 
 
 class _Progress:
@@ -177,6 +262,15 @@ class TrainStep:
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self._empties: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._last_plan: _Plan | None = None  # the previous step's, reused while it holds
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without the plan of the last step (it is derived, and
+        compared by the identity of objects a copy does not share)."""
+        state = self.__dict__.copy()
+        state["_last_plan"] = None
+        state["_empties"] = {}
+        return state
 
     def __repr__(self) -> str:
         clip = "" if self.max_grad_norm is None else f", max_grad_norm={self.max_grad_norm}"
@@ -195,24 +289,26 @@ class TrainStep:
         loss_args = self._loss_args(plan.loss, target.shape)
         self._clear_other_grads(plan)
         ddp = self._ddp()
-        with torch.no_grad():
-            try:
-                if ddp is None:
-                    loss, grad_w, grad_b = ops.mlp_train_step(
-                        x, y, plan.weights, plan.biases, plan.chain.last_relu, *loss_args,
-                        plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, self.max_grad_norm,
-                    )  # fmt: skip
-                    grads = self._set_grads(plan, grad_w, grad_b)
-                else:
+        try:
+            if ddp is None:
+                # Not differentiable: the op runs below autograd whatever the grad mode (no no_grad() needed).
+                loss, grad_w, grad_b = ops.mlp_train_step(
+                    x, y, plan.weights, plan.biases, plan.chain.last_relu, *loss_args,
+                    plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, self.max_grad_norm,
+                )  # fmt: skip
+                self._set_grads(plan, grad_w, grad_b)
+            else:
+                with torch.no_grad():
                     loss, _, grad_w, grad_b = ops.mlp_loss_step(
                         x, y, plan.weights, plan.biases, plan.chain.last_relu, *loss_args, False,
                         plan.weight_mask, plan.bias_mask,
                     )  # fmt: skip
-                    grads = self._set_grads(plan, *self._all_reduce(ddp, grad_w, grad_b, plan))
-                    ops.optimizer_step(plan.trainable, grads, plan.state, plan.kind, plan.hyper, self.max_grad_norm)
-            except BaseException:
-                self._failed()
-                raise
+                self._set_grads(plan, *self._all_reduce(ddp, grad_w, grad_b, plan))
+                grads = [p.grad for p in plan.trainable]
+                ops.optimizer_step(plan.trainable, grads, plan.state, plan.kind, plan.hyper, self.max_grad_norm)
+        except BaseException:
+            self._failed()
+            raise
         self._mark_stepped()
         return loss
 
@@ -302,16 +398,15 @@ class TrainStep:
                 x, y, chunk_order = inputs, targets, order[r0:r1]
             else:
                 x, y, chunk_order = inputs[r0:r1], targets[r0:r1], None
-            with torch.no_grad():
-                try:
-                    chunk_losses, grad_w, grad_b = ops.mlp_train_epoch(
-                        x, y, chunk_order, batch_size, drop_last, plan.weights, plan.biases, plan.chain.last_relu,
-                        *loss_args, plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper,
-                        self.max_grad_norm,
-                    )  # fmt: skip
-                except BaseException:
-                    self._failed()
-                    raise
+            try:
+                chunk_losses, grad_w, grad_b = ops.mlp_train_epoch(
+                    x, y, chunk_order, batch_size, drop_last, plan.weights, plan.biases, plan.chain.last_relu,
+                    *loss_args, plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper,
+                    self.max_grad_norm,
+                )  # fmt: skip
+            except BaseException:
+                self._failed()
+                raise
             grads = grad_w, grad_b
             losses.append(progress.add(chunk_losses))
             done += n
@@ -381,7 +476,12 @@ class TrainStep:
         return model
 
     def _plan(self, input: object, target: object) -> _Plan | None:
-        """The fused step's arguments, or None where the eager lines must run."""
+        """The fused step's arguments, or None where the eager lines must run.
+
+        The checks here run on every step. What they pass on to _plan_params
+        (masks, optimizer groups, state, hyper-parameters) is read once and kept:
+        the previous step's plan is reused while _Plan.holds finds everything it
+        was read from unchanged, which costs a fraction of reading it again."""
         chain = _whole_chain(self._inner_model())
         if chain is None:
             return None
@@ -396,22 +496,31 @@ class TrainStep:
         # Eager would fill input.grad, or fail in backward without grad mode.
         if input.requires_grad or not torch.is_grad_enabled():  # type: ignore[union-attr]
             return None
-        kind = _optimizer_kind(self.optimizer)
-        if kind is None or _optimizer_hooked(self.optimizer):
+        optimizer = self.optimizer
+        kind = _optimizer_kind(optimizer)
+        if kind is None or _optimizer_hooked(optimizer):
             return None
         if input.is_cuda and not self._cuda_ok():  # type: ignore[union-attr]
             return None
         if self.max_grad_norm is not None and not _is_number(self.max_grad_norm):
             return None
+        weights, biases = params
+        plan = self._last_plan
+        if plan is not None and plan.holds(chain, kind, loss_kind, weights, biases, input, optimizer):
+            return plan
+        self._last_plan = None
         plan = _Plan()
         plan.chain = chain
         plan.kind = kind
         plan.loss = loss_kind
-        plan.weights, plan.biases = params
+        plan.weights, plan.biases = weights, biases
+        plan.dtype, plan.device = input.dtype, input.device  # type: ignore[union-attr]
         if not self._plan_params(plan):
             return None
         if input.is_cuda and len(plan.trainable) > _CUDA_MAX_PARAMS:  # type: ignore[union-attr]
             return None
+        if not plan.fresh:
+            self._last_plan = plan
         return plan
 
     @staticmethod
@@ -437,44 +546,39 @@ class TrainStep:
 
     def _plan_params(self, plan: _Plan) -> bool:
         """Masks, optimizer state and hyper-parameters for the trainable parameters
-        (weight then bias, layer by layer). False where the fused update cannot
-        give the eager result: a trainable parameter outside the optimizer (eager
-        would accumulate into its .grad), a non-contiguous one, options it does
-        not implement, state of another dtype or on the device (fused /
-        capturable Adam). State not made yet marks the plan ``fresh``. Shapes and
-        contiguity of the state are checked again by the op, before it writes."""
+        (weight then bias, layer by layer), and what _Plan.holds compares them with.
+        False where the fused update cannot give the eager result: a trainable
+        parameter outside the optimizer (eager would accumulate into its .grad), a
+        non-contiguous one, options it does not implement, state of another dtype
+        or on the device (fused / capturable Adam). State not made yet marks the
+        plan ``fresh``. Shapes and contiguity of the state are checked again by the
+        op, before it writes."""
         optimizer = self.optimizer
         groups = optimizer.param_groups
-        group_of: dict[int, dict[str, Any]] | None = None
-        if len(groups) > 1:
-            group_of = {id(p): g for g in groups for p in g["params"]}
-        member = None if group_of is not None else {id(p) for p in groups[0]["params"]}
-        hyper_of: dict[int, tuple[float, ...] | None] = {}
+        plan.groups = groups
+        plan.group_keys = [(g, list(map(id, g["params"])), g.get("capturable")) for g in groups]
+        group_index = {pid: i for i, (_, ids, _) in enumerate(plan.group_keys) for pid in ids}
+        plan.hyper_of_group = [None] * len(groups)
         adam = plan.kind == _ADAM
-        opt_state = optimizer.state
+        opt_state = plan.opt_state = optimizer.state
         empty = self._empty(plan.weights[0])
         for w, b in zip(plan.weights, plan.biases, strict=True):
             for p, mask in ((w, plan.weight_mask), (b, plan.bias_mask)):
                 if p is None or not p.requires_grad:
                     mask.append(False)
+                    if p is not None:
+                        plan.frozen.append(p)
                     continue
                 mask.append(True)
                 if any(p is q for q in plan.trainable):
                     return False  # a parameter shared by two layers: eager sums its gradients
-                if group_of is not None:
-                    group = group_of.get(id(p))
-                    if group is None:
-                        return False
-                elif id(p) in member:  # type: ignore[operator]
-                    group = groups[0]
-                else:
+                index = group_index.get(id(p))
+                if index is None or not p.is_contiguous():
                     return False
-                if not p.is_contiguous():
-                    return False
-                key = id(group)
-                hyper = hyper_of.get(key, False)
-                if hyper is False:
-                    hyper = hyper_of[key] = _adam_hyper(group) if adam else _sgd_hyper(group)
+                group = groups[index]
+                hyper = plan.hyper_of_group[index]
+                if hyper is None:
+                    hyper = plan.hyper_of_group[index] = _adam_hyper(group) if adam else _sgd_hyper(group)
                 if hyper is None:
                     return False
                 state = opt_state.get(p)
@@ -491,6 +595,7 @@ class TrainStep:
                     if m.dtype is not dtype or v.dtype is not dtype or (vmax is not empty and vmax.dtype is not dtype):
                         return False
                     plan.state += (step, m, v, vmax)
+                    plan.check_capture = plan.check_capture or (p.is_cuda and step.is_cpu)
                 elif hyper[1] != 0:
                     buf = state.get("momentum_buffer") if state else None
                     if buf is None:
@@ -503,6 +608,16 @@ class TrainStep:
                     plan.state.append(empty)
                 plan.trainable.append(p)
                 plan.hyper += hyper
+                plan.group_of_trainable.append(index)
+        plan.trainable_weights = [(i, w) for i, w in enumerate(plan.weights) if plan.weight_mask[i]]
+        plan.trainable_biases = [(i, b) for i, b in enumerate(plan.biases) if plan.bias_mask[i]]
+        plan.weight_ids = list(map(id, plan.weights))
+        plan.bias_ids = list(map(id, plan.biases))
+        plan.state_key_ids = list(map(id, opt_state))
+        try:
+            plan.state_value_ids = list(map(id, _values_of(map(dict.values, opt_state.values()))))
+        except TypeError:
+            return False  # a state entry that is not a dict: torch's optimizer will say what it makes of it
         return True
 
     @staticmethod
@@ -541,19 +656,12 @@ class TrainStep:
                     p.grad = None
 
     @staticmethod
-    def _set_grads(plan: _Plan, grad_w: list[torch.Tensor], grad_b: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _set_grads(plan: _Plan, grad_w: list[torch.Tensor], grad_b: list[torch.Tensor]) -> None:
         """Each trainable parameter's .grad, as after ``loss.backward()``."""
-        grads = []
-        for w, b, gw, gb, mw, mb in zip(
-            plan.weights, plan.biases, grad_w, grad_b, plan.weight_mask, plan.bias_mask, strict=True
-        ):
-            if mw:
-                w.grad = gw
-                grads.append(gw)
-            if mb:
-                b.grad = gb  # type: ignore[union-attr]
-                grads.append(gb)
-        return grads
+        for layer, w in plan.trainable_weights:
+            w.grad = grad_w[layer]
+        for layer, b in plan.trainable_biases:
+            b.grad = grad_b[layer]
 
     @staticmethod
     def _all_reduce(
