@@ -9,6 +9,7 @@
 
 #include "common/autotune.h"
 #include "cpu/simd.h"
+#include "step_runner.h"
 
 #ifndef FASTMLP_CUDA_ARCHS
 #define FASTMLP_CUDA_ARCHS ""
@@ -72,6 +73,10 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddStringConstant(m, "cpu_isa", isa == fastmlp::cpu::Isa::kAvx512 ? "avx512"
                                            : isa == fastmlp::cpu::Isa::kAvx2 ? "avx2"
                                                                               : "baseline");
+  if (!fastmlp::add_step_runner(m)) {
+    Py_DECREF(m);
+    return nullptr;
+  }
   return m;
 }
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.optim.optimizer as _optim_module
 from conftest import CUDA_OK, reference_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -316,6 +317,169 @@ def test_plan_of_the_last_step_is_not_reused_after_a_change(change: str) -> None
             return
         torch.testing.assert_close(step(x, y), expected)
     assert_same_training(ref, ref_opt, step)
+
+
+class _Calls:
+    """A hook that counts its calls (returns None: changes nothing), for one
+    object's calls when ``of`` is given (a global hook sees the eager twin's too)."""
+
+    def __init__(self, of: object = None) -> None:
+        self.n = 0
+        self.of = of
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        if self.of is None or args[0] is self.of:
+            self.n += 1
+
+
+# Changes between two fused steps that must make the next steps run as eager
+# ones (a hook must fire), applied to a TrainStep after its plan went to C++.
+# Each returns the counter of a hook that must have fired once per later step,
+# or None.
+def _global_forward_hook(step: TrainStep) -> _Calls:
+    calls = _Calls(of=step.model[0])
+    handle = torch.nn.modules.module.register_module_forward_hook(calls)
+    step._test_cleanup = handle.remove  # type: ignore[attr-defined]
+    return calls
+
+
+def _global_optimizer_hook(step: TrainStep) -> _Calls:
+    calls = _Calls(of=step.optimizer)
+    handle = _optim_module.register_optimizer_step_post_hook(calls)
+    step._test_cleanup = handle.remove  # type: ignore[attr-defined]
+    return calls
+
+
+def _hook(register: Callable[[_Calls], object]) -> Callable[[TrainStep], _Calls]:
+    def add(step: TrainStep) -> _Calls:
+        calls = _Calls()
+        register(calls)
+        return calls
+
+    return add
+
+
+HOOKS_ADDED: dict[str, Callable[[TrainStep], _Calls]] = {
+    "model-forward-hook": lambda s: _hook(s.model.register_forward_hook)(s),
+    "linear-forward-pre-hook": lambda s: _hook(s.model[0].register_forward_pre_hook)(s),
+    "relu-forward-hook": lambda s: _hook(s.model[1].register_forward_hook)(s),
+    "loss-forward-hook": lambda s: _hook(s.loss_fn.register_forward_hook)(s),
+    "optimizer-step-pre-hook": lambda s: _hook(s.optimizer.register_step_pre_hook)(s),
+    "global-forward-hook": _global_forward_hook,
+    "global-optimizer-hook": _global_optimizer_hook,
+}
+
+
+@pytest.mark.parametrize("hook", list(HOOKS_ADDED))
+def test_hook_added_between_steps_runs_the_eager_step(hook: str) -> None:
+    sizes = [12, 10, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+    loss_fn = nn.BCEWithLogitsLoss()
+    calls = None
+    try:
+        for i in range(6):
+            if i == 3:
+                calls = HOOKS_ADDED[hook](step)
+            x, y = data(16, sizes, seed=i)
+            expected = eager_step(ref, loss_fn, ref_opt, x, y)
+            torch.testing.assert_close(step(x, y), expected)
+    finally:
+        getattr(step, "_test_cleanup", lambda: None)()
+    assert calls is not None and calls.n >= 3  # the hook saw every step after it was added
+    assert_same_training(ref, ref_opt, step)
+
+
+def test_options_changed_between_steps() -> None:
+    """The loss's options, TrainStep's own attributes and a new optimizer between
+    steps: the steps after them train as the eager loop with the same changes."""
+    sizes = [12, 10, 2]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["sgd-momentum"])
+    loss_fn = nn.BCEWithLogitsLoss()
+    clip = None
+    for i in range(12):
+        if i == 3:
+            loss_fn.reduction = step.loss_fn.reduction = "sum"
+        if i == 5:
+            step.max_grad_norm = clip = 0.05
+        if i == 7:
+            loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 0.5]))
+            step.loss_fn = torch_fastmlp.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 0.5]))
+        if i == 9:
+            loss_fn = nn.MSELoss()
+            step.loss_fn = nn.MSELoss()
+        if i == 10:
+            ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+            step.optimizer = torch.optim.Adam(step.model.parameters(), lr=1e-2)
+        x, y = data(16, sizes, seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y, clip=clip))
+    assert_same_training(ref, ref_opt, step)
+
+
+def test_contexts_and_inputs_after_the_plan_went_to_cpp() -> None:
+    """After steps that made the plan's C++ runner: no_grad, a tensor subclass, a
+    TorchFunctionMode and autocast are served as eager would serve them, a short last batch and a
+    non-contiguous input train as eager, a bad target raises torch's error with
+    the gradients cleared as eager's zero_grad leaves them."""
+    sizes = [10, 6, 3]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+    loss_fn = nn.BCEWithLogitsLoss()
+    for i in range(3):
+        x, y = data(8, sizes, seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y))
+    assert step._runner is not None
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
+        step(x, y)
+    x, y = data(5, sizes, seed=7)  # a short batch
+    torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y))
+    wide, y = data(5, [20, 6, 3], seed=8)
+    x = wide[:, ::2]  # every other column: not contiguous
+    torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y))
+
+    class Tagged(torch.Tensor):
+        pass
+
+    x, y = data(8, sizes, seed=9)
+    torch.testing.assert_close(step(x.as_subclass(Tagged), y), eager_step(ref, loss_fn, ref_opt, x, y))
+
+    class Seen(torch.overrides.TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    x, y = data(8, sizes, seed=10)
+    expected = eager_step(ref, loss_fn, ref_opt, x, y)
+    with Seen() as seen:
+        got = step(x, y)
+    torch.testing.assert_close(got, expected)
+    assert seen.calls > 0  # the mode saw the step's functions: not run past it in C++
+    x, y = data(8, sizes, seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager_step(ref, loss_fn, ref_opt, x, y)
+        got = step(x, y)
+    torch.testing.assert_close(got, expected)
+    assert_same_training(ref, ref_opt, step)
+    with pytest.raises(ValueError, match="must be the same as input size"):
+        step(x, torch.zeros(8, 4))
+    assert all(p.grad is None for p in step.model.parameters())  # zero_grad(), as the eager lines' first
+
+
+def test_cross_entropy_index_error_after_the_plan_went_to_cpp() -> None:
+    """A class index out of range in a step served in C++ raises torch's
+    IndexError, with the gradients as the eager lines leave them."""
+    sizes = [10, 6, 4]
+    model = torch_fastmlp.Sequential(*reference_mlp(sizes))
+    step = TrainStep(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    x = torch.randn(8, 10)
+    for _ in range(3):
+        step(x, torch.randint(0, 4, (8,)))
+    assert step._runner is not None
+    with pytest.raises(IndexError):
+        step(x, torch.full((8,), 4))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_plan_reused_while_nothing_changed() -> None:

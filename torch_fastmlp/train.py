@@ -28,15 +28,30 @@ import torch
 import torch.optim.optimizer as _optim_module
 from torch import nn
 
+from . import _C
 from ._ops import WITH_CUDA, ops
 from .fused_loss import _BCE, _CROSS_ENTROPY, _is_number, step_loss_args, step_loss_kind
-from .modules import _Chain, _chain_fusable, _has_hooks, _whole_chain
+from .modules import _Chain, _chain_fusable, _has_hooks, _nn_module, _whole_chain
 
 __all__ = ["TrainStep"]
 
 _SGD, _ADAM = 0, 1
 _requires_grad = attrgetter("requires_grad")
 _values_of = itertools.chain.from_iterable
+_MISSING = object()  # "no such key" in a StepRunner's probes
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    (_nn_module, ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                  "_global_backward_pre_hooks")),
+    (_optim_module, ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")),
+)  # fmt: skip
+# The group options _sgd_hyper / _adam_hyper and _step_count_ok read, lr aside.
+_GROUP_KEYS = {
+    _SGD: ("momentum", "dampening", "weight_decay", "nesterov", "maximize", "differentiable", "capturable"),
+    _ADAM: ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay", "differentiable",
+            "capturable"),
+}  # fmt: skip
+_RUNNER_MISSES = 8  # StepRunners dropped right after they were made, before TrainStep stops making them
 _CUDA_MAX_PARAMS = 24  # parameters one launch of the CUDA update takes (kOptimMaxSlots in cuda/optim.cuh)
 
 
@@ -263,6 +278,9 @@ class TrainStep:
         self.max_grad_norm = max_grad_norm
         self._empties: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._last_plan: _Plan | None = None  # the previous step's, reused while it holds
+        self._runner: Any = None  # _C.StepRunner of the last plan
+        self._runner_steps = 0  # steps the current runner served
+        self._runner_misses = 0  # runners dropped before they served two steps
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled and copied without the plan of the last step (it is derived, and
@@ -270,6 +288,7 @@ class TrainStep:
         state = self.__dict__.copy()
         state["_last_plan"] = None
         state["_empties"] = {}
+        state["_runner"] = None
         return state
 
     def __repr__(self) -> str:
@@ -281,6 +300,24 @@ class TrainStep:
 
     def __call__(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Run one step on ``(input, target)``; returns the loss (detached, 0-dim)."""
+        runner = self._runner
+        if runner is not None:
+            # The last plan, re-checked and run in C++ (csrc/step_runner.cpp); None where it does not hold.
+            try:
+                loss = runner(input, target, self.__dict__)
+            except BaseException:
+                self._failed()
+                raise
+            if loss is not None:
+                self._runner_steps += 1
+                return loss
+            self._drop_runner()
+        return self._planned_step(input, target)
+
+    step = __call__
+
+    def _planned_step(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The step as planned in Python (the first of a plan, DDP, whatever a StepRunner does not take)."""
         plan = self._plan(input, target)
         if plan is None or plan.fresh:
             return self.eager_step(input, target)
@@ -297,6 +334,8 @@ class TrainStep:
                     plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, self.max_grad_norm,
                 )  # fmt: skip
                 self._set_grads(plan, grad_w, grad_b)
+                if self._runner is None and self._runner_misses < _RUNNER_MISSES and x is input and y is target:
+                    self._runner = self._make_runner(plan, input, target, loss_args)
             else:
                 with torch.no_grad():
                     loss, _, grad_w, grad_b = ops.mlp_loss_step(
@@ -311,8 +350,6 @@ class TrainStep:
             raise
         self._mark_stepped()
         return loss
-
-    step = __call__
 
     def eager_step(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The step as the eager lines run it (what the fused op must equal)."""
@@ -640,6 +677,83 @@ class TrainStep:
         if cached is None:
             cached = self._empties[key] = like.new_empty((0,))
         return cached
+
+    # --- the plan in C++ ------------------------------------------------------
+
+    def _drop_runner(self) -> None:
+        """Forget a runner whose plan no longer holds; after _RUNNER_MISSES that held
+        for less than two steps (something they watch changes on every step), plan
+        in Python from then on."""
+        if self._runner_steps < 2:
+            self._runner_misses += 1
+        self._runner = None
+        self._runner_steps = 0
+
+    def _make_runner(self, plan: _Plan, input: torch.Tensor, target: torch.Tensor, loss_args: tuple[Any, ...]) -> Any:
+        """A _C.StepRunner of ``plan`` (csrc/step_runner.cpp): its arguments, and
+        what _plan read them from, as probes it re-checks on every call: the
+        objects in the dicts and lists read (by identity), hook dicts that stay
+        empty, the parameters' metadata. None where the plan is not one to keep:
+        a 2-D input only, no CUDA graph capture check, no BCE weights (their
+        patterns follow the target's shape)."""
+        kind, weight, pos_weight, reduction, ignore_index, smoothing = loss_args
+        if input.dim() != 2 or plan.check_capture or pos_weight is not None or (kind == _BCE and weight is not None):
+            return None
+        model, loss_fn, optimizer = self.model, self.loss_fn, self.optimizer
+        same: list[tuple[dict[Any, Any], Any, object]] = []
+        items: list[tuple[Any, tuple[Any, ...]]] = []
+        empty: list[dict[Any, Any]] = []
+
+        def watch(owner: dict[str, Any], name: str, *, stays_empty: bool = False, contents: bool = False) -> None:
+            value = owner.get(name, _MISSING)
+            same.append((owner, name, value))
+            if stays_empty:
+                empty.append(value)
+            if contents:
+                items.append((value, tuple(value.items()) if isinstance(value, dict) else tuple(value)))
+
+        for module, names in _GLOBAL_HOOKS:
+            for name in names:
+                watch(vars(module), name, stays_empty=True)
+        for m in (model, *plan.chain.modules, loss_fn):
+            for name in _MODULE_HOOKS:
+                watch(m.__dict__, name, stays_empty=True)
+        watch(model.__dict__, "_modules", contents=True)
+        for linear in plan.chain.linears:
+            watch(linear.__dict__, "_parameters", contents=True)
+        watch(loss_fn.__dict__, "_buffers", contents=True)
+        for name in ("reduction", "ignore_index", "label_smoothing"):
+            watch(loss_fn.__dict__, name)
+        opt = optimizer.__dict__
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+            watch(opt, name, stays_empty=True)
+        watch(opt, "step")  # an LR scheduler's counter, or a replaced step (eager)
+        watch(opt, "param_groups", contents=True)
+        watch(opt, "state", contents=True)
+        lr = []
+        for index, group in enumerate(optimizer.param_groups):
+            watch(group, "params", contents=True)
+            for name in _GROUP_KEYS[plan.kind]:
+                watch(group, name)
+            slots = [8 * k for k, g in enumerate(plan.group_of_trainable) if g == index]
+            if slots:
+                lr.append((group, "lr", slots))
+        for p in plan.trainable:
+            state = optimizer.state.get(p)
+            if state is not None:
+                items.append((state, tuple(state.items())))
+        tensors = [t for t in (*plan.weights, *plan.biases, weight) if t is not None]
+        trainable = {id(p) for p in plan.trainable}
+        cleared = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in trainable]
+        stepped = optimizer if hasattr(optimizer.step, "_wrapped_by_lr_sched") else None
+        return _C.StepRunner(
+            (model, loss_fn, optimizer, self.max_grad_norm), same, items, empty, lr, tensors, _MISSING,
+            plan.weights[0].shape[1], plan.weights[-1].shape[0], kind == _CROSS_ENTROPY and target.dtype is torch.int64,
+            plan.weights, plan.biases, plan.chain.last_relu, kind, weight, reduction, ignore_index, smoothing,
+            plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, self.max_grad_norm,
+            [layer for layer, _ in plan.trainable_weights], [layer for layer, _ in plan.trainable_biases],
+            cleared, stepped,
+        )  # fmt: skip
 
     # --- after the op ---------------------------------------------------------
 
