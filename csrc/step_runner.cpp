@@ -170,7 +170,7 @@ class StepRunner {
   // The step's loss, or None where the plan does not hold (TrainStep then plans in Python).
   py::object call(py::handle input, py::handle target, py::handle owner_dict) {
     HANDLE_TH_ERRORS
-    if (!holds(input, target, owner_dict)) return py::none();
+    if (cleared_by_gc_ || !holds(input, target, owner_dict)) return py::none();
     const at::Tensor& x = THPVariable_Unpack(input.ptr());
     const at::Tensor& y = THPVariable_Unpack(target.ptr());
     for (const at::Tensor& t : cleared_) {
@@ -187,8 +187,52 @@ class StepRunner {
     for (int64_t l : trainable_weights_) weights_[l].mutable_grad() = grad_w[l];
     for (int64_t l : trainable_biases_) bias_tensors_[l].mutable_grad() = grad_b[l];
     if (!mark_stepped_.is_none()) mark_stepped_.attr("_opt_called") = py::bool_(true);
+    ++steps_;
     return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(loss)));
     END_HANDLE_TH_ERRORS_PYBIND
+  }
+
+  // Steps served so far.
+  int64_t steps() const { return steps_; }
+
+  // The garbage collector's view: every Python object held (the runner holds the
+  // model and optimizer, which may hold the TrainStep that holds the runner).
+  int traverse(visitproc visit, void* arg) const {
+    Py_VISIT(owner_.ptr());
+    Py_VISIT(missing_.ptr());
+    Py_VISIT(mark_stepped_.ptr());
+    for (const py::object& o : owner_keys_) Py_VISIT(o.ptr());
+    for (const Same& p : same_) {
+      Py_VISIT(p.dict.ptr());
+      Py_VISIT(p.key.ptr());
+      Py_VISIT(p.expected.ptr());
+    }
+    for (const SameItems& p : same_items_) {
+      Py_VISIT(p.container.ptr());
+      for (const py::object& o : p.items) Py_VISIT(o.ptr());
+    }
+    for (const py::object& o : empty_) Py_VISIT(o.ptr());
+    for (const Lr& p : lr_) {
+      Py_VISIT(p.dict.ptr());
+      Py_VISIT(p.key.ptr());
+    }
+    for (const py::object& o : watched_) Py_VISIT(o.ptr());
+    return 0;
+  }
+
+  // Breaks a cycle the collector found: drops every Python object; the runner then serves nothing.
+  void clear() {
+    cleared_by_gc_ = true;
+    owner_ = py::tuple();
+    missing_ = py::none();
+    mark_stepped_ = py::none();
+    owner_keys_.clear();
+    same_.clear();
+    same_items_.clear();
+    empty_.clear();
+    lr_.clear();
+    watched_.clear();
+    metas_.clear();
   }
 
  private:
@@ -241,7 +285,7 @@ class StepRunner {
         at::impl::torch_function_mode_enabled()) {
       return false;
     }
-    return !at::autocast::is_autocast_enabled(device_.type());
+    return !at::autocast::is_autocast_enabled(device_.type());  // TrainStep makes runners for CPU and CUDA only
   }
 
   bool inputs_ok(py::handle input, py::handle target) const {
@@ -326,19 +370,40 @@ class StepRunner {
   std::vector<at::Tensor> cleared_;
   py::object mark_stepped_;
   c10::TypedOperatorHandle<TrainStepFn> op_;
+  int64_t steps_ = 0;
+  bool cleared_by_gc_ = false;
 };
+
+StepRunner& runner_of(PyObject* self) { return py::cast<StepRunner&>(py::handle(self)); }
+
+// GC support for the class (pybind11's custom_type_setup): traverse and clear.
+void setup_gc(PyHeapTypeObject* heap_type) {
+  PyTypeObject* type = &heap_type->ht_type;
+  type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+  type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
+    Py_VISIT(Py_TYPE(self));
+    if (!py::detail::is_holder_constructed(self)) return 0;
+    return runner_of(self).traverse(visit, arg);
+  };
+  type->tp_clear = [](PyObject* self) {
+    if (py::detail::is_holder_constructed(self)) runner_of(self).clear();
+    return 0;
+  };
+}
 
 }  // namespace
 
 bool add_step_runner(PyObject* module) {
   try {
     auto m = py::reinterpret_borrow<py::module_>(module);
-    py::class_<StepRunner>(m, "StepRunner", "TrainStep's planned step, re-checked and run from C++ (train.py).")
+    py::class_<StepRunner>(m, "StepRunner", "TrainStep's planned step, re-checked and run from C++ (train.py).",
+                           py::custom_type_setup(&setup_gc))
         .def(py::init<py::tuple, py::list, py::list, py::list, py::list, py::list, py::object, int64_t, int64_t,
                       bool, py::list, py::list, bool, int64_t, py::object, int64_t, int64_t, double,
                       std::vector<bool>, std::vector<bool>, py::list, int64_t, std::vector<double>,
                       std::optional<double>, std::vector<int64_t>, std::vector<int64_t>, py::list, py::object>())
-        .def("__call__", &StepRunner::call, py::arg("input"), py::arg("target"), py::arg("owner_dict"));
+        .def("__call__", &StepRunner::call, py::arg("input"), py::arg("target"), py::arg("owner_dict"))
+        .def_property_readonly("steps", &StepRunner::steps);
     return true;
   } catch (py::error_already_set& e) {
     e.restore();

@@ -293,17 +293,22 @@ PLAN_CHANGES: dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = 
 }
 
 
+@pytest.mark.parametrize("in_cpp", [True, False], ids=["runner", "python-plan"])
 @pytest.mark.parametrize("change", list(PLAN_CHANGES))
-def test_plan_of_the_last_step_is_not_reused_after_a_change(change: str) -> None:
+def test_plan_of_the_last_step_is_not_reused_after_a_change(change: str, in_cpp: bool) -> None:
     """TrainStep reuses the previous step's plan while what it was read from is
     unchanged: a change to the model's parameters or the optimizer's groups,
     options or state between two steps gives the eager loop's training (or
-    its error)."""
+    its error). Both ways a plan is kept: as a C++ StepRunner, and as the Python
+    plan (BCE's pos_weight makes no runner: its pattern follows the batch)."""
     sizes = [12, 10, 3]
-    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
-    loss_fn = nn.BCEWithLogitsLoss()
+    kw = {} if in_cpp else {"pos_weight": torch.tensor([1.5, 0.5, 2.0])}
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"], **kw)
+    loss_fn = nn.BCEWithLogitsLoss(**kw)
     dtype = torch.float32
     for i in range(6):
+        if i == 2:
+            assert (step._runner is not None) == in_cpp and (step._last_plan is not None)
         if i == 3:
             PLAN_CHANGES[change](ref, ref_opt)
             PLAN_CHANGES[change](step.model, step.optimizer)
@@ -436,10 +441,16 @@ def test_contexts_and_inputs_after_the_plan_went_to_cpp() -> None:
     torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y))
 
     class Tagged(torch.Tensor):
-        pass
+        calls = 0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001
+            cls.calls += 1
+            return super().__torch_function__(func, types, args, kwargs)
 
     x, y = data(8, sizes, seed=9)
     torch.testing.assert_close(step(x.as_subclass(Tagged), y), eager_step(ref, loss_fn, ref_opt, x, y))
+    assert Tagged.calls > 0  # the subclass saw the step's functions: not run past it in C++
 
     class Seen(torch.overrides.TorchFunctionMode):
         def __init__(self) -> None:
@@ -482,18 +493,85 @@ def test_cross_entropy_index_error_after_the_plan_went_to_cpp() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_plan_reused_while_nothing_changed() -> None:
-    """Steps after the first that made the state reuse one plan."""
+def test_plan_reused_while_nothing_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps after the first that made the state reuse one plan: in Python (a
+    pos_weight loss makes no runner) and as one C++ runner."""
+    sizes = [12, 10, 1]
+    _, _, step = twins(sizes, OPTIMIZERS["adam"], pos_weight=torch.tensor([2.0]))
+    x, y = data(16, sizes)
+    step(x, y)
+    step(x, y)
+    plan = step._last_plan
+    made = []
+    original = TrainStep._plan_params
+    monkeypatch.setattr(TrainStep, "_plan_params", lambda self, p: made.append(p) or original(self, p))
+    for _ in range(3):
+        step(x, y)
+    assert step._last_plan is plan and not made and step._runner is None
+    _, _, step = twins(sizes, OPTIMIZERS["adam"])
+    for _ in range(2):
+        step(x, y)
+    runner = step._runner
+    made.clear()
+    for _ in range(3):
+        step(x, y)
+    assert step._runner is runner and runner.steps == 3 and not made
+    assert copy.deepcopy(step)._last_plan is None and copy.deepcopy(step)._runner is None  # copies plan afresh
+
+
+def test_runner_options_changed_in_place_and_devices() -> None:
+    """Options that can change while they stay the same object (betas as a list,
+    a tensor flag) make no runner; nor does a meta-device step (shapes only)."""
+    sizes = [12, 10, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+    for opt in (ref_opt, step.optimizer):
+        opt.param_groups[0]["betas"] = [0.9, 0.999]
+    loss_fn = nn.BCEWithLogitsLoss()
+    for i in range(5):
+        if i == 3:
+            ref_opt.param_groups[0]["betas"][0] = step.optimizer.param_groups[0]["betas"][0] = 0.5
+        x, y = data(16, sizes, seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y))
+    assert step._runner is None
+    assert_same_training(ref, ref_opt, step)
+    model = torch_fastmlp.Sequential(*reference_mlp(sizes)).to("meta")
+    step = TrainStep(model, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.empty(16, 12, device="meta"), torch.empty(16, 1, device="meta")
+    for _ in range(3):
+        assert step(x, y).device.type == "meta"
+    assert step._runner is None
+
+
+def test_runner_in_a_reference_cycle_is_collected() -> None:
+    """A model that holds its own TrainStep (a cycle through the C++ runner) is
+    freed by the garbage collector like any Python cycle."""
+    import gc
+    import weakref
+
+    sizes = [12, 10, 1]
+    _, _, step = twins(sizes, OPTIMIZERS["sgd-momentum"])
+    x, y = data(16, sizes)
+    for _ in range(3):
+        step(x, y)
+    assert step._runner is not None
+    step.model.trainer = step
+    alive = weakref.ref(step.model)
+    del step
+    gc.collect()
+    assert alive() is None
+
+
+def test_new_owner_attribute_drops_the_runner() -> None:
+    """Assigning TrainStep's model, loss, optimizer or max_grad_norm drops the
+    runner and plan at once (they would hold the old objects until the next step)."""
     sizes = [12, 10, 1]
     _, _, step = twins(sizes, OPTIMIZERS["adam"])
     x, y = data(16, sizes)
-    step(x, y)
-    plans = set()
     for _ in range(3):
         step(x, y)
-        plans.add(id(step._last_plan))
-    assert len(plans) == 1 and step._last_plan is not None
-    assert copy.deepcopy(step)._last_plan is None  # copies plan afresh
+    assert step._runner is not None and step._last_plan is not None
+    step.optimizer = torch.optim.Adam(step.model.parameters())
+    assert step._runner is None and step._last_plan is None
 
 
 def test_checkpoint_resume(tmp_path) -> None:

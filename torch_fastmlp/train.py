@@ -51,6 +51,7 @@ _GROUP_KEYS = {
     _ADAM: ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay", "differentiable",
             "capturable"),
 }  # fmt: skip
+_OWNER_ATTRS = frozenset(("model", "loss_fn", "optimizer", "max_grad_norm"))
 _RUNNER_MISSES = 8  # StepRunners dropped right after they were made, before TrainStep stops making them
 _CUDA_MAX_PARAMS = 24  # parameters one launch of the CUDA update takes (kOptimMaxSlots in cuda/optim.cuh)
 
@@ -76,6 +77,15 @@ def _adam_hyper(group: dict[str, Any]) -> tuple[float, ...] | None:
         return None
     return (float(lr), float(betas[0]), float(betas[1]), float(eps), float(wd), float(bool(group["amsgrad"])),
             float(bool(group["maximize"])), float(bool(group.get("decoupled_weight_decay", False))))  # fmt: skip
+
+
+def _immutable(value: object) -> bool:
+    """A value that cannot change while it stays the same object (what a
+    StepRunner may compare by identity): None, a bool, number or string, or a
+    tuple of them."""
+    if type(value) is tuple:
+        return all(_immutable(v) for v in value)
+    return value is None or type(value) in (bool, int, float, str)
 
 
 def _optimizer_kind(optimizer: torch.optim.Optimizer) -> int | None:
@@ -279,7 +289,6 @@ class TrainStep:
         self._empties: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._last_plan: _Plan | None = None  # the previous step's, reused while it holds
         self._runner: Any = None  # _C.StepRunner of the last plan
-        self._runner_steps = 0  # steps the current runner served
         self._runner_misses = 0  # runners dropped before they served two steps
 
     def __getstate__(self) -> dict[str, Any]:
@@ -309,7 +318,6 @@ class TrainStep:
                 self._failed()
                 raise
             if loss is not None:
-                self._runner_steps += 1
                 return loss
             self._drop_runner()
         return self._planned_step(input, target)
@@ -390,6 +398,7 @@ class TrainStep:
         if callback is not None and not (type(callback_every) is int and callback_every > 0):
             raise ValueError(f"callback_every should be a positive integer, got {callback_every!r}")
         progress = _Progress(callback, callback_every)
+        self._runner = None  # the epoch plans in Python; a runner kept would hold what it may replace
         plan = None
         if (
             type(batch_size) is int
@@ -680,14 +689,20 @@ class TrainStep:
 
     # --- the plan in C++ ------------------------------------------------------
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # A new model, loss, optimizer or max_grad_norm: the runner and plan of the
+        # old ones would not hold; dropped now, they no longer keep the old ones alive.
+        if name in _OWNER_ATTRS and "_runner" in self.__dict__:
+            self.__dict__["_runner"] = self.__dict__["_last_plan"] = None
+        super().__setattr__(name, value)
+
     def _drop_runner(self) -> None:
         """Forget a runner whose plan no longer holds; after _RUNNER_MISSES that held
         for less than two steps (something they watch changes on every step), plan
         in Python from then on."""
-        if self._runner_steps < 2:
+        if self._runner.steps < 2:
             self._runner_misses += 1
         self._runner = None
-        self._runner_steps = 0
 
     def _make_runner(self, plan: _Plan, input: torch.Tensor, target: torch.Tensor, loss_args: tuple[Any, ...]) -> Any:
         """A _C.StepRunner of ``plan`` (csrc/step_runner.cpp): its arguments, and
@@ -699,6 +714,8 @@ class TrainStep:
         kind, weight, pos_weight, reduction, ignore_index, smoothing = loss_args
         if input.dim() != 2 or plan.check_capture or pos_weight is not None or (kind == _BCE and weight is not None):
             return None
+        if input.device.type not in ("cpu", "cuda"):
+            return None  # meta: shapes only, through the Python path
         model, loss_fn, optimizer = self.model, self.loss_fn, self.optimizer
         same: list[tuple[dict[Any, Any], Any, object]] = []
         items: list[tuple[Any, tuple[Any, ...]]] = []
@@ -723,6 +740,8 @@ class TrainStep:
             watch(linear.__dict__, "_parameters", contents=True)
         watch(loss_fn.__dict__, "_buffers", contents=True)
         for name in ("reduction", "ignore_index", "label_smoothing"):
+            if not _immutable(loss_fn.__dict__.get(name)):
+                return None
             watch(loss_fn.__dict__, name)
         opt = optimizer.__dict__
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
@@ -734,6 +753,8 @@ class TrainStep:
         for index, group in enumerate(optimizer.param_groups):
             watch(group, "params", contents=True)
             for name in _GROUP_KEYS[plan.kind]:
+                if not _immutable(group.get(name)):
+                    return None  # e.g. betas as a list: changed in place, the same object
                 watch(group, name)
             slots = [8 * k for k, g in enumerate(plan.group_of_trainable) if g == index]
             if slots:
