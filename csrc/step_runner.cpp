@@ -146,6 +146,8 @@ class StepRunner {
       metas_.push_back(TensorMeta::of(tensor_of(t)));
     }
     for (py::handle w : weights) weights_.push_back(tensor_of(w));
+    for (int64_t l : trainable_weights_) trainable_.push_back(py::reinterpret_borrow<py::object>(weights[l]));
+    for (int64_t l : trainable_biases_) trainable_.push_back(py::reinterpret_borrow<py::object>(biases[l]));
     for (py::handle b : biases) {
       bias_tensors_.push_back(b.is_none() ? at::Tensor() : tensor_of(b));
       biases_.push_back(b.is_none() ? std::nullopt : std::optional<at::Tensor>(bias_tensors_.back()));
@@ -217,6 +219,7 @@ class StepRunner {
       Py_VISIT(p.key.ptr());
     }
     for (const py::object& o : watched_) Py_VISIT(o.ptr());
+    for (const py::object& o : trainable_) Py_VISIT(o.ptr());
     return 0;
   }
 
@@ -233,6 +236,7 @@ class StepRunner {
     lr_.clear();
     watched_.clear();
     metas_.clear();
+    trainable_.clear();
   }
 
  private:
@@ -269,7 +273,17 @@ class StepRunner {
     for (size_t i = 0; i < watched_.size(); ++i) {
       if (!metas_[i].matches(THPVariable_Unpack(watched_[i].ptr()))) return false;
     }
+    // A trainable parameter's tensor hooks (register_hook, register_post_accumulate_grad_hook)
+    // fire in the autograd engine: the eager lines.
+    for (const py::object& p : trainable_) {
+      const auto* v = reinterpret_cast<const THPVariable*>(p.ptr());
+      if (!no_hooks(v->backward_hooks) || !no_hooks(v->post_accumulate_grad_hooks)) return false;
+    }
     return read_lr();
+  }
+
+  static bool no_hooks(PyObject* hooks) {
+    return hooks == nullptr || hooks == Py_None || (PyDict_Check(hooks) && PyDict_GET_SIZE(hooks) == 0);
   }
 
   bool fail() {
@@ -292,11 +306,14 @@ class StepRunner {
     if (!THPVariable_CheckExact(input.ptr()) || !THPVariable_CheckExact(target.ptr())) return false;
     const at::Tensor& x = THPVariable_Unpack(input.ptr());
     const at::Tensor& y = THPVariable_Unpack(target.ptr());
-    if (x.dim() != 2 || x.size(0) == 0 || x.size(1) != in_features_ || x.scalar_type() != dtype_ ||
-        x.device() != device_ || x.requires_grad()) {
+    if (x.layout() != at::kStrided || x.dim() != 2 || x.size(0) == 0 || x.size(1) != in_features_ ||
+        x.scalar_type() != dtype_ || x.device() != device_ || x.requires_grad()) {
       return false;
     }
-    if (y.scalar_type() != target_dtype_ || y.device() != device_ || y.requires_grad()) return false;
+    if (y.layout() != at::kStrided || y.scalar_type() != target_dtype_ || y.device() != device_ ||
+        y.requires_grad()) {
+      return false;
+    }
     if (loss_kind_ == kCrossEntropy && target_dtype_ == at::kLong) return y.dim() == 1 && y.size(0) == x.size(0);
     return y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == out_features_;
   }
@@ -348,6 +365,7 @@ class StepRunner {
   std::vector<Lr> lr_;
   std::vector<py::object> watched_;
   std::vector<TensorMeta> metas_;
+  std::vector<py::object> trainable_;  // the trainable parameters, for their tensor hooks
   py::object missing_;
   int64_t in_features_, out_features_;
   at::ScalarType dtype_ = at::kFloat, target_dtype_ = at::kFloat;

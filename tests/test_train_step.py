@@ -542,6 +542,37 @@ def test_runner_options_changed_in_place_and_devices() -> None:
     assert step._runner is None
 
 
+@pytest.mark.parametrize("when", [0, 3], ids=["from-the-start", "after-the-runner"])
+def test_parameter_tensor_hooks_run_the_eager_step(when: int) -> None:
+    """A trainable parameter's tensor hooks (register_hook, which may change its
+    gradient, and register_post_accumulate_grad_hook) run in the autograd
+    engine: the steps run the eager lines, and the hooks see every step."""
+    sizes = [12, 10, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["sgd-momentum"])
+    loss_fn = nn.BCEWithLogitsLoss()
+    seen = []
+    for i in range(6):
+        if i == when:
+            for model in (ref, step.model):
+                model[0].weight.register_hook(lambda g: g * 2.0)
+            step.model[2].bias.register_post_accumulate_grad_hook(lambda p: seen.append(1))
+        x, y = data(16, sizes, seed=i)
+        torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y))
+    assert len(seen) == 6 - when
+    assert_same_training(ref, ref_opt, step)
+
+
+def test_sparse_input_runs_the_eager_step() -> None:
+    sizes = [12, 10, 1]
+    ref, ref_opt, step = twins(sizes, OPTIMIZERS["adam"])
+    loss_fn = nn.BCEWithLogitsLoss()
+    for i in range(4):
+        x, y = data(16, sizes, seed=i)
+        x = x.relu().to_sparse() if i % 2 else x
+        torch.testing.assert_close(step(x, y), eager_step(ref, loss_fn, ref_opt, x, y))
+    assert_same_training(ref, ref_opt, step)
+
+
 def test_runner_in_a_reference_cycle_is_collected() -> None:
     """A model that holds its own TrainStep (a cycle through the C++ runner) is
     freed by the garbage collector like any Python cycle."""

@@ -20,8 +20,8 @@ def _fast_path_ok(input: object) -> bool:
     """Whether the fused kernels can serve a call on ``input``; otherwise the
     module or function runs torch's own code (which then also gives torch's own
     results under autocast and torch.func, and raises torch's own errors)."""
-    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
-        return False
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.layout is not torch.strided:
+        return False  # sparse inputs: torch.nn's sparse matmuls
     if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
         return False  # torch.func (grad, vmap, ...) and torch.jit.trace run the torch.nn code
     if input.is_cpu:  # the everyday case, without building a torch.device

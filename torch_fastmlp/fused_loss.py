@@ -48,7 +48,7 @@ def step_loss_kind(loss_fn: nn.Module, input: Any, target: object, out_features:
     kind = _LOSS_KINDS.get(type(loss_fn))
     if kind is None or loss_fn.reduction not in _REDUCTIONS or _has_hooks((loss_fn,)):
         return None
-    if not isinstance(target, torch.Tensor) or target.requires_grad:
+    if not isinstance(target, torch.Tensor) or target.requires_grad or target.layout is not torch.strided:
         return None
     out_shape = (*input.shape[:-1], out_features)
     weight = loss_fn._buffers.get("weight")

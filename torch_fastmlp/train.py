@@ -37,6 +37,8 @@ __all__ = ["TrainStep"]
 
 _SGD, _ADAM = 0, 1
 _requires_grad = attrgetter("requires_grad")
+_tensor_hooks = attrgetter("_backward_hooks")
+_post_accumulate_hooks = attrgetter("_post_accumulate_grad_hooks")
 _values_of = itertools.chain.from_iterable
 _MISSING = object()  # "no such key" in a StepRunner's probes
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -160,7 +162,8 @@ class _Plan:
         optimizer: torch.optim.Optimizer,
     ) -> bool:
         """Whether this plan, made for an earlier step, is the one _plan_params
-        would make now: the same parameters (identity, requires_grad, contiguous),
+        would make now: the same parameters (identity, requires_grad, contiguous,
+        no tensor hooks),
         optimizer groups (the same dicts, members and options) and state (the same
         dicts and tensors). A changed learning rate (an LR scheduler) is taken
         over in place; any other change makes a new plan."""
@@ -175,6 +178,8 @@ class _Plan:
             return False
         if not all(map(torch.Tensor.is_contiguous, self.trainable)):
             return False
+        if any(map(_tensor_hooks, self.trainable)) or any(map(_post_accumulate_hooks, self.trainable)):
+            return False  # tensor hooks fire in the autograd engine: the eager lines
         groups = optimizer.param_groups
         state = optimizer.state
         if groups is not self.groups or len(groups) != len(self.group_keys) or state is not self.opt_state:
@@ -621,6 +626,8 @@ class TrainStep:
                 index = group_index.get(id(p))
                 if index is None or not p.is_contiguous():
                     return False
+                if p._backward_hooks or p._post_accumulate_grad_hooks:
+                    return False  # tensor hooks fire in the autograd engine: the eager lines
                 group = groups[index]
                 hyper = plan.hyper_of_group[index]
                 if hyper is None:
