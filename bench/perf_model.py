@@ -148,9 +148,10 @@ class Assumptions:
     #: and dtype, the bias-correction lists, the step wrappers); SGD's.
     adam_python_s: float = 20e-6
     sgd_python_s: float = 10e-6
-    #: MEASURED on the development Xeon (README, TrainStep at batch 64: "the Python around it ~45 us":
-    #: reading the model, loss and optimizer state on every call); ASSUMED the same on the GPU's host.
-    trainstep_python_s: float = 45e-6
+    #: MEASURED on the development Xeon: a TrainStep call around its op, served by the C++ StepRunner
+    #: (csrc/step_runner.cpp; a 4-3-1 step at batch 2 took 14.1 us, its op 9.4 us of them by the
+    #: profiler; 45 us while the plan was read in Python); ASSUMED the same on the GPU's host.
+    trainstep_python_s: float = 5e-6
     #: ASSUMPTION: TrainStep's checks before it hands a step it does not fuse (bf16, half) to the eager lines.
     trainstep_fallback_s: float = 10e-6
     #: ASSUMPTION: one of our ops called from C++ (dispatcher, argument checks, a few caching-allocator
