@@ -117,7 +117,7 @@ class _Plan:
         "chain", "weights", "biases", "weight_mask", "bias_mask", "trainable", "state", "hyper", "kind", "fresh",
         "loss", "dtype", "device", "weight_ids", "bias_ids", "frozen", "groups", "group_keys", "hyper_of_group",
         "group_of_trainable", "opt_state", "state_key_ids", "state_value_ids", "check_capture", "trainable_weights",
-        "trainable_biases",
+        "trainable_biases", "others",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -129,6 +129,7 @@ class _Plan:
         self.trainable: list[torch.Tensor] = []
         self.trainable_weights: list[tuple[int, torch.Tensor]] = []  # (layer, weight) where weight_mask is on
         self.trainable_biases: list[tuple[int, torch.Tensor]] = []
+        self.others: list[torch.Tensor] = []  # the optimizer's parameters the step gives no gradient
         self.state: list[torch.Tensor] = []
         self.hyper: list[float] = []
         self.kind = _SGD
@@ -662,6 +663,8 @@ class TrainStep:
                 plan.trainable.append(p)
                 plan.hyper += hyper
                 plan.group_of_trainable.append(index)
+        trainable = {id(p) for p in plan.trainable}
+        plan.others = [p for g in groups for p in g["params"] if id(p) not in trainable]
         plan.trainable_weights = [(i, w) for i, w in enumerate(plan.weights) if plan.weight_mask[i]]
         plan.trainable_biases = [(i, b) for i, b in enumerate(plan.biases) if plan.bias_mask[i]]
         plan.weight_ids = list(map(id, plan.weights))
@@ -716,10 +719,11 @@ class TrainStep:
         what _plan read them from, as probes it re-checks on every call: the
         objects in the dicts and lists read (by identity), hook dicts that stay
         empty, the parameters' metadata. None where the plan is not one to keep:
-        a 2-D input only, no CUDA graph capture check, no BCE weights (their
-        patterns follow the target's shape)."""
+        no CUDA graph capture check, no BCE weights (their patterns follow the
+        target's shape). The caller makes runners only for an input and target
+        the step takes as they are (not reshaped)."""
         kind, weight, pos_weight, reduction, ignore_index, smoothing = loss_args
-        if input.dim() != 2 or plan.check_capture or pos_weight is not None or (kind == _BCE and weight is not None):
+        if plan.check_capture or pos_weight is not None or (kind == _BCE and weight is not None):
             return None
         if input.device.type not in ("cpu", "cuda"):
             return None  # meta: shapes only, through the Python path
@@ -771,8 +775,6 @@ class TrainStep:
             if state is not None:
                 items.append((state, tuple(state.items())))
         tensors = [t for t in (*plan.weights, *plan.biases, weight) if t is not None]
-        trainable = {id(p) for p in plan.trainable}
-        cleared = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in trainable]
         stepped = optimizer if hasattr(optimizer.step, "_wrapped_by_lr_sched") else None
         return _C.StepRunner(
             (model, loss_fn, optimizer, self.max_grad_norm), same, items, empty, lr, tensors, _MISSING,
@@ -780,22 +782,18 @@ class TrainStep:
             plan.weights, plan.biases, plan.chain.last_relu, kind, weight, reduction, ignore_index, smoothing,
             plan.weight_mask, plan.bias_mask, plan.state, plan.kind, plan.hyper, self.max_grad_norm,
             [layer for layer, _ in plan.trainable_weights], [layer for layer, _ in plan.trainable_biases],
-            cleared, stepped,
+            plan.others, stepped,
         )  # fmt: skip
 
     # --- after the op ---------------------------------------------------------
 
-    def _clear_other_grads(self, plan: _Plan) -> None:
+    @staticmethod
+    def _clear_other_grads(plan: _Plan) -> None:
         """``optimizer.zero_grad()`` for the optimizer's parameters that the step
         gives no gradient (frozen ones, or ones outside the model)."""
-        groups = self.optimizer.param_groups
-        if sum(len(g["params"]) for g in groups) == len(plan.trainable):
-            return  # every parameter of the optimizer gets its gradient from the step
-        trainable = {id(p) for p in plan.trainable}
-        for group in groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in trainable:
-                    p.grad = None
+        for p in plan.others:
+            if p.grad is not None:
+                p.grad = None
 
     @staticmethod
     def _set_grads(plan: _Plan, grad_w: list[torch.Tensor], grad_b: list[torch.Tensor]) -> None:
