@@ -775,6 +775,36 @@ def test_fused_update_is_the_separate_update_bitwise(opt_name: str, dtype: torch
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(("sizes", "batch"), FUSED_UPDATE_CASES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_update_that_cannot_run_writes_nothing(sizes, batch: int, threads: int) -> None:
+    """The update's checks come after the partials, inside the step's one
+    parallel region, on whichever worker sets it up: a state tensor of the wrong
+    shape raises torch's RuntimeError from the op, and no parameter, gradient
+    buffer or step count has moved."""
+    from torch_fastmlp._ops import ops
+
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, _, step = twins(sizes, OPTIMIZERS["adam"])
+        x, y = data(batch, sizes)
+        step(x, y)  # a fresh optimizer: torch makes its state
+        plan = step._plan(x, y)
+        state = list(plan.state)
+        state[-3] = torch.zeros(3)  # the last parameter's exp_avg
+        before = [t.clone() for t in (*step.model.parameters(), *plan.state)]
+        with pytest.raises(RuntimeError, match="exp_avg"):
+            ops.mlp_train_step(x, y, plan.weights, plan.biases, plan.chain.last_relu,
+                               *step._loss_args(plan.loss, y.shape), plan.weight_mask, plan.bias_mask,
+                               state, plan.kind, plan.hyper, None)  # fmt: skip
+        for a, b in zip(before, (*step.model.parameters(), *plan.state), strict=True):
+            assert torch.equal(a, b)
+        step(x, y)  # and the next step runs as usual
+    finally:
+        torch.set_num_threads(default_threads)
+
+
 def test_update_apart_where_the_fused_one_does_not_serve() -> None:
     """Clipping, or a batch past the row partials, runs the gradients and then
     the update (the profiler sees both ops inside the step)."""

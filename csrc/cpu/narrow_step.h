@@ -7,7 +7,9 @@
 // forward through every layer, the loss and the logits gradient, then the
 // backward; for mlp_backward only the backward from the saved activations. A
 // partial writes its own parameter gradients; the partials are then added in
-// order. So a step wakes the thread pool once instead of once per kernel, each
+// order, in the same parallel region (with the optimizer's update for a
+// training step). So a step wakes the thread pool once instead of once per
+// kernel, each
 // worker's rows stay in its own cache, and the result does not depend on the
 // thread count.
 #pragma once
@@ -16,6 +18,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -25,6 +28,7 @@
 #include "common/math.h"
 #include "cpu/narrow_gemm.h"
 #include "cpu/parallel_thresholds.h"
+#include "cpu/shared_work.h"
 #include "cpu/simd.h"
 
 namespace fastmlp::cpu {
@@ -204,96 +208,116 @@ constexpr int64_t kReduceBlock = 1024;
 constexpr int64_t kReduceParallelElements = 1 << 14;
 constexpr int64_t kUpdateCostInSums = 4;
 
-// grad[i] += the other partials' slots for each wanted gradient (layer by
-// layer, weight then bias: the k-th of them), then `epilogue(k, begin, end)` on
-// its elements [begin, end) once they hold the batch's sum. One parallel
-// region over fixed blocks; each element is summed in partial order, so the
-// result does not depend on the thread count.
-template <typename T, typename Epilogue>
-void reduce_row_partials(const NarrowChain<T>& c, int64_t partials, const T* partial_grads,
-                         const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, const Epilogue& epilogue) {
-  constexpr bool has_epilogue = !std::is_same_v<Epilogue, NoEpilogue>;
-  if (partials == 1 && !has_epilogue) return;
+// The reduction of the partials' gradients in fixed blocks: grad[i] += the
+// other partials' slots for each wanted gradient (layer by layer, weight then
+// bias: the k-th of them), then `epilogue(k, begin, end)` on its elements
+// [begin, end) once they hold the batch's sum. Each element is summed in
+// partial order, so the result does not depend on which worker runs a block.
+template <typename T> class PartialsReduction {
+ public:
+  PartialsReduction(const NarrowChain<T>& c, int64_t partials, const T* partial_grads, const std::vector<T*>& grad_w,
+                    const std::vector<T*>& grad_b, bool has_epilogue)
+      : partials_(partials), stride_(c.grad_elems) {
+    if (partials == 1 && !has_epilogue) return;  // nothing to add, nothing to run
+    size_t k = 0;
+    for (size_t l = 0; l < c.layers.size(); ++l) {
+      const ChainLayer<T>& layer = c.layers[l];
+      for (const auto& [dst, at, n] : {std::make_tuple(grad_w[l], layer.grad_w_at, layer.N * layer.K),
+                                       std::make_tuple(grad_b[l], layer.grad_b_at, layer.N)}) {
+        if (dst == nullptr) continue;
+        for (int64_t b = 0; b < n; b += kReduceBlock) {
+          blocks_.push_back({k, dst, partial_grads + at, b, std::min(n, b + kReduceBlock)});
+        }
+        total_ += n;
+        ++k;
+      }
+    }
+    const int64_t visits = partials > 1 ? total_ * (partials - 1 + (has_epilogue ? kUpdateCostInSums : 0)) : 0;
+    parallel_ = partials > 1 ? visits >= kReduceParallelElements : total_ >= kParallelUpdateElements;
+  }
+
+  int64_t blocks() const { return static_cast<int64_t>(blocks_.size()); }
+  // Whether the blocks are worth more than one worker.
+  bool parallel() const { return parallel_; }
+
+  template <typename Epilogue> void run(int64_t i, const Epilogue& epilogue) const {
+    const Block& blk = blocks_[i];
+    for (int64_t q = 1; q < partials_; ++q) {
+      const T* src = blk.src + (q - 1) * stride_;
+      for (int64_t e = blk.begin; e < blk.end; ++e) blk.dst[e] += src[e];
+    }
+    epilogue(blk.k, blk.begin, blk.end);
+  }
+
+ private:
   struct Block {
     size_t k;  // which gradient
     T* dst;
-    const T* src;  // partial 1's slot of it (the others follow at grad_elems strides)
+    const T* src;  // partial 1's slot of it (the others follow at stride_)
     int64_t begin, end;
   };
-  std::vector<Block> blocks;
-  int64_t total = 0;
-  size_t k = 0;
-  for (size_t l = 0; l < c.layers.size(); ++l) {
-    const ChainLayer<T>& layer = c.layers[l];
-    for (const auto& [dst, at, n] : {std::make_tuple(grad_w[l], layer.grad_w_at, layer.N * layer.K),
-                                     std::make_tuple(grad_b[l], layer.grad_b_at, layer.N)}) {
-      if (dst == nullptr) continue;
-      for (int64_t b = 0; b < n; b += kReduceBlock) {
-        blocks.push_back({k, dst, partial_grads + at, b, std::min(n, b + kReduceBlock)});
-      }
-      total += n;
-      ++k;
-    }
-  }
-  auto run = [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) {
-      const Block& blk = blocks[i];
-      for (int64_t q = 1; q < partials; ++q) {
-        const T* src = blk.src + (q - 1) * c.grad_elems;
-        for (int64_t e = blk.begin; e < blk.end; ++e) blk.dst[e] += src[e];
-      }
-      epilogue(blk.k, blk.begin, blk.end);
-    }
-  };
-  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
-  const bool parallel =
-      partials > 1 ? total * (partials - 1 + (has_epilogue ? kUpdateCostInSums : 0)) >= kReduceParallelElements
-                   : total >= kParallelUpdateElements;
-  if (!parallel || at::get_num_threads() == 1) {
-    run(0, n_blocks);
-    return;
-  }
-  at::parallel_for(0, n_blocks, 1, run);
-}
+  int64_t partials_, stride_;
+  std::vector<Block> blocks_;
+  int64_t total_ = 0;
+  bool parallel_ = false;
+};
 
 // Runs `partial(r0, r1, scratch, grad_w, grad_b, prepared) -> double` for
-// every partial in one parallel region, each with scratch_per_row elements of
-// scratch per row: partial 0 writes the parameter gradients at grad_w / grad_b
-// (per layer, nullptr where not wanted), the others at their own slot of
-// c.grad_elems; then the slots are added to partial 0's in order
-// (reduce_row_partials, with the epilogue that `after_partials()` returns,
-// called on this thread once the partials are done: e.g. the optimizer's
-// update, set up only once the gradients exist). `prepared` is what
-// `prepare(once)` returned on that worker, called once per worker (e.g. its
-// packed weights; `once`, a vector of T, lives as long as the worker's
-// partials). Returns the sum of what the partials return.
+// every partial, each with scratch_per_row elements of scratch per row:
+// partial 0 writes the parameter gradients at grad_w / grad_b (per layer,
+// nullptr where not wanted), the others at their own slot of c.grad_elems;
+// then the slots are added to partial 0's in order (PartialsReduction, with the
+// epilogue that `after_partials()` returns: e.g. the optimizer's update, set up
+// by one worker once every partial is done, so only after the gradients exist
+// and before any update). All of it in one parallel region (shared_work.h).
+// `prepared` is what `prepare(once)` returned on that worker, called once per
+// worker (e.g. its packed weights; `once`, a vector of T, lives as long as the
+// worker's partials). Returns the sum of what the partials return.
 template <typename T, typename Partial, typename Prepare, typename AfterPartials = NoEpilogue (*)()>
 double run_row_partials(const NarrowChain<T>& c, int64_t partials, int64_t scratch_per_row,
                         const std::vector<T*>& grad_w, const std::vector<T*>& grad_b, const Partial& partial,
                         const Prepare& prepare, const AfterPartials& after_partials = &no_epilogue) {
+  using Epilogue = decltype(after_partials());
+  constexpr bool has_epilogue = !std::is_same_v<Epilogue, NoEpilogue>;
   const size_t L = c.layers.size();
   const int64_t rows_per = (c.batch + partials - 1) / partials;
   const int64_t scratch_per_partial = rows_per * scratch_per_row;
   at::Tensor large;  // owns the workspace when it is too large to keep
   T* partial_grads = partial_workspace<T>(partials, c.grad_elems, partials * scratch_per_partial, large);
   T* scratch = partial_grads + (partials - 1) * c.grad_elems;
+  const PartialsReduction<T> reduction(c, partials, partial_grads, grad_w, grad_b, has_epilogue);
+  const int64_t workers = std::clamp<int64_t>(std::max(partials, reduction.parallel() ? reduction.blocks() : 1), 1,
+                                              at::get_num_threads());
+  SharedItems partial_items(partials, workers), blocks(reduction.blocks(), reduction.parallel() ? workers : 1);
+  Countdown partials_left(partials);
+  Once set_up;
+  std::optional<Epilogue> epilogue;
   std::vector<double> result(partials, 0.0);
-  at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T*> gw(L), gb(L);
-    std::vector<T> once;
-    const auto prepared = prepare(once);
-    for (int64_t q = begin; q < end; ++q) {
-      T* slot = q == 0 ? nullptr : partial_grads + (q - 1) * c.grad_elems;
-      for (size_t l = 0; l < L; ++l) {
-        gw[l] = slot == nullptr || grad_w[l] == nullptr ? grad_w[l] : slot + c.layers[l].grad_w_at;
-        gb[l] = slot == nullptr || grad_b[l] == nullptr ? grad_b[l] : slot + c.layers[l].grad_b_at;
+  run_workers(workers, [&](int64_t me, const RegionErrors& errors) {
+    {
+      std::vector<T*> gw(L), gb(L);
+      std::vector<T> once;
+      std::optional<decltype(prepare(once))> prepared;
+      for (int64_t q; !errors.failed() && (q = partial_items.claim(me)) >= 0; partials_left.finish_one()) {
+        if (!prepared) prepared.emplace(prepare(once));
+        T* slot = q == 0 ? nullptr : partial_grads + (q - 1) * c.grad_elems;
+        for (size_t l = 0; l < L; ++l) {
+          gw[l] = slot == nullptr || grad_w[l] == nullptr ? grad_w[l] : slot + c.layers[l].grad_w_at;
+          gb[l] = slot == nullptr || grad_b[l] == nullptr ? grad_b[l] : slot + c.layers[l].grad_b_at;
+        }
+        const int64_t r0 = q * rows_per, r1 = std::min(c.batch, r0 + rows_per);
+        result[q] = partial(r0, r1, scratch + q * scratch_per_partial, gw.data(), gb.data(), *prepared);
       }
-      const int64_t r0 = q * rows_per, r1 = std::min(c.batch, r0 + rows_per);
-      result[q] = partial(r0, r1, scratch + q * scratch_per_partial, gw.data(), gb.data(), prepared);
     }
+    if (!partials_left.wait(errors)) return;
+    if (set_up.claim()) {
+      epilogue.emplace(after_partials());
+      set_up.done();
+    } else if (!reduction.parallel() || !set_up.wait(errors)) {
+      return;  // (the worker that set up sums every block)
+    }
+    for (int64_t i; !errors.failed() && (i = blocks.claim(me)) >= 0;) reduction.run(i, *epilogue);
   });
-  const auto epilogue = after_partials();
-  reduce_row_partials(c, partials, partial_grads, grad_w, grad_b, epilogue);
   double total = 0;
   for (double v : result) total += v;
   return total;
