@@ -149,20 +149,22 @@ class StepRunner {
       metas_.push_back(TensorMeta::of(tensor_of(t)));
     }
     for (py::handle w : weights) weights_.push_back(tensor_of(w));
-    for (int64_t l : trainable_weights_) trainable_.push_back(py::reinterpret_borrow<py::object>(weights[l]));
-    for (int64_t l : trainable_biases_) trainable_.push_back(py::reinterpret_borrow<py::object>(biases[l]));
     for (py::handle b : biases) {
       bias_tensors_.push_back(b.is_none() ? at::Tensor() : tensor_of(b));
       biases_.push_back(b.is_none() ? std::nullopt : std::optional<at::Tensor>(bias_tensors_.back()));
     }
-    TORCH_CHECK(!weights_.empty() && weights_.size() == weight_mask.size() && weights_.size() == bias_mask.size(),
+    TORCH_CHECK(!weights_.empty() && weights_.size() == bias_tensors_.size() &&
+                    weights_.size() == weight_mask.size() && weights_.size() == bias_mask.size(),
                 "StepRunner: one bias and mask entry per weight");
     for (bool m : weight_mask) weight_mask_.push_back(m);
     for (bool m : bias_mask) bias_mask_.push_back(m);
+    // The trainable layers' indices are checked before they index anything.
     for (int64_t l : trainable_weights_) TORCH_CHECK(l >= 0 && l < static_cast<int64_t>(weights_.size()), "layer");
     for (int64_t l : trainable_biases_) {
       TORCH_CHECK(l >= 0 && l < static_cast<int64_t>(weights_.size()) && bias_tensors_[l].defined(), "layer");
     }
+    for (int64_t l : trainable_weights_) trainable_.push_back(py::reinterpret_borrow<py::object>(weights[l]));
+    for (int64_t l : trainable_biases_) trainable_.push_back(py::reinterpret_borrow<py::object>(biases[l]));
     for (py::handle s : state) state_.push_back(tensor_of(s));
     for (py::handle c : cleared) cleared_.push_back(tensor_of(c));
     if (!loss_weight.is_none()) loss_weight_ = tensor_of(loss_weight);
