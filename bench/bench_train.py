@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import gc
 import itertools
 import json
 import os
@@ -235,6 +236,13 @@ def run_rounds(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float) 
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            # Each timing starts with the collector's generations empty: a full
+            # collection (100-200 ms with jax loaded), triggered by the DataLoader's
+            # per-row objects, then falls on the loop whose objects trigger it
+            # rather than on whichever variant runs when the count overflows
+            # (the committed session-10 epoch at 2048 had FusedBCEClassifier's
+            # loop at 0.25x eager by that alone; its steps were 1.2x faster).
+            gc.collect()
             out[k].append(timed(fn, budget_s))
     return out
 
