@@ -56,6 +56,7 @@ _GROUP_KEYS = {
 _OWNER_ATTRS = frozenset(("model", "loss_fn", "optimizer", "max_grad_norm"))
 _RUNNER_MISSES = 8  # StepRunners dropped right after they were made, before TrainStep stops making them
 _CUDA_MAX_PARAMS = 24  # parameters one launch of the CUDA update takes (kOptimMaxSlots in cuda/optim.cuh)
+_HYPER_STRIDE = 8  # the op's hyper-parameters per trainable parameter, lr first (kHyperStride in common/optim_math.h)
 
 
 def _sgd_hyper(group: dict[str, Any]) -> tuple[float, ...] | None:
@@ -209,12 +210,15 @@ class _Plan:
             return False
         return not (self.check_capture and torch.cuda.is_current_stream_capturing())
 
+    def lr_slots(self, index: int) -> list[int]:
+        """Where group ``index``'s ``lr`` stands in ``hyper`` (once per trainable parameter of it)."""
+        return [_HYPER_STRIDE * k for k, group in enumerate(self.group_of_trainable) if group == index]
+
     def _set_lr(self, index: int, hyper: tuple[float, ...]) -> None:
         """Group ``index``'s new hyper-parameters, which differ in ``lr`` alone."""
         self.hyper_of_group[index] = hyper
-        for k, group in enumerate(self.group_of_trainable):
-            if group == index:
-                self.hyper[8 * k] = hyper[0]
+        for slot in self.lr_slots(index):
+            self.hyper[slot] = hyper[0]
 
 
 class _Progress:
@@ -767,7 +771,7 @@ class TrainStep:
                 if not _immutable(group.get(name)):
                     return None  # e.g. betas as a list: changed in place, the same object
                 watch(group, name)
-            slots = [8 * k for k, g in enumerate(plan.group_of_trainable) if g == index]
+            slots = plan.lr_slots(index)
             if slots:
                 lr.append((group, "lr", slots))
         for p in plan.trainable:
