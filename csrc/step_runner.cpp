@@ -11,9 +11,10 @@
 // input's and target's metadata; the learning rate is re-read (LR schedulers)
 // into the update's hyper-parameters. Objects are compared by identity only
 // where they cannot change in place (TrainStep makes no runner otherwise), and
-// the runner keeps them alive, so their ids are not reused. Anything else changed, or a context the fused op must not
-// run in (grad mode off, autocast, torch.func transforms, jit tracing, a
-// TorchFunctionMode), returns None and TrainStep plans again in Python.
+// the runner keeps them alive, so their ids are not reused. Anything else
+// changed, or a context the fused op must not run in (grad mode off, autocast,
+// torch.func transforms, jit tracing, a TorchFunctionMode), returns None and
+// TrainStep plans again in Python.
 //
 // The step itself is the fastmlp::mlp_train_step op through the dispatcher
 // (profilers and dispatch modes see it as from Python), then each trainable
@@ -37,19 +38,18 @@
 #include <utility>
 #include <vector>
 
+#include "common/train_ops.h"  // TrainStepResult, kStepLossCrossEntropy
+
 namespace py = pybind11;
 
 namespace fastmlp {
 namespace {
 
-using TrainStepResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 using TrainStepFn = TrainStepResult(const at::Tensor&, const at::Tensor&, at::TensorList,
                                     const c10::List<std::optional<at::Tensor>>&, bool, int64_t,
                                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
                                     int64_t, double, const c10::List<bool>&, const c10::List<bool>&, at::TensorList,
                                     int64_t, c10::ArrayRef<double>, std::optional<double>);
-
-constexpr int64_t kCrossEntropy = 2;  // torch_fastmlp.fused_loss._CROSS_ENTROPY
 
 // What a parameter's plan depends on, beyond its identity (p.data = ... keeps
 // the object and may change all of it).
@@ -319,7 +319,7 @@ class StepRunner {
         y.requires_grad()) {
       return false;
     }
-    if (loss_kind_ == kCrossEntropy && target_dtype_ == at::kLong) return y.dim() == 1 && y.size(0) == x.size(0);
+    if (loss_kind_ == kStepLossCrossEntropy && target_dtype_ == at::kLong) return y.dim() == 1 && y.size(0) == x.size(0);
     return y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == out_features_;
   }
 
