@@ -220,6 +220,7 @@ template <typename T> class PartialsReduction {
       : partials_(partials), stride_(c.grad_elems) {
     if (partials == 1 && !has_epilogue) return;  // nothing to add, nothing to run
     size_t k = 0;
+    int64_t total = 0;
     for (size_t l = 0; l < c.layers.size(); ++l) {
       const ChainLayer<T>& layer = c.layers[l];
       for (const auto& [dst, at, n] : {std::make_tuple(grad_w[l], layer.grad_w_at, layer.N * layer.K),
@@ -228,12 +229,12 @@ template <typename T> class PartialsReduction {
         for (int64_t b = 0; b < n; b += kReduceBlock) {
           blocks_.push_back({k, dst, partial_grads + at, b, std::min(n, b + kReduceBlock)});
         }
-        total_ += n;
+        total += n;
         ++k;
       }
     }
-    const int64_t visits = partials > 1 ? total_ * (partials - 1 + (has_epilogue ? kUpdateCostInSums : 0)) : 0;
-    parallel_ = partials > 1 ? visits >= kReduceParallelElements : total_ >= kParallelUpdateElements;
+    const int64_t visits = partials > 1 ? total * (partials - 1 + (has_epilogue ? kUpdateCostInSums : 0)) : 0;
+    parallel_ = partials > 1 ? visits >= kReduceParallelElements : total >= kParallelUpdateElements;
   }
 
   int64_t blocks() const { return static_cast<int64_t>(blocks_.size()); }
@@ -258,7 +259,6 @@ template <typename T> class PartialsReduction {
   };
   int64_t partials_, stride_;
   std::vector<Block> blocks_;
-  int64_t total_ = 0;
   bool parallel_ = false;
 };
 
