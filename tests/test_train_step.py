@@ -780,29 +780,25 @@ def test_fused_update_is_the_separate_update_bitwise(opt_name: str, dtype: torch
 def test_fused_update_that_cannot_run_writes_nothing(sizes, batch: int, threads: int) -> None:
     """The update's checks come after the partials, inside the step's one
     parallel region, on whichever worker sets it up: a state tensor of the wrong
-    shape raises torch's RuntimeError from the op, and no parameter, gradient
-    buffer or step count has moved."""
+    shape raises torch's RuntimeError from the op, and no parameter or optimizer
+    state tensor (step counts included) has moved."""
     from torch_fastmlp._ops import ops
 
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _, _, step = twins(sizes, OPTIMIZERS["adam"])
-        x, y = data(batch, sizes)
-        step(x, y)  # a fresh optimizer: torch makes its state
-        plan = step._plan(x, y)
-        state = list(plan.state)
-        state[-3] = torch.zeros(3)  # the last parameter's exp_avg
-        before = [t.clone() for t in (*step.model.parameters(), *plan.state)]
-        with pytest.raises(RuntimeError, match="exp_avg"):
-            ops.mlp_train_step(x, y, plan.weights, plan.biases, plan.chain.last_relu,
-                               *step._loss_args(plan.loss, y.shape), plan.weight_mask, plan.bias_mask,
-                               state, plan.kind, plan.hyper, None)  # fmt: skip
-        for a, b in zip(before, (*step.model.parameters(), *plan.state), strict=True):
-            assert torch.equal(a, b)
-        step(x, y)  # and the next step runs as usual
-    finally:
-        torch.set_num_threads(default_threads)
+    torch.set_num_threads(threads)  # (conftest's autouse fixture restores it)
+    _, _, step = twins(sizes, OPTIMIZERS["adam"])
+    x, y = data(batch, sizes)
+    step(x, y)  # a fresh optimizer: torch makes its state
+    plan = step._plan(x, y)
+    state = list(plan.state)
+    state[-3] = torch.zeros(3)  # the last parameter's exp_avg
+    before = [t.clone() for t in (*step.model.parameters(), *plan.state)]
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        ops.mlp_train_step(x, y, plan.weights, plan.biases, plan.chain.last_relu,
+                           *step._loss_args(plan.loss, y.shape), plan.weight_mask, plan.bias_mask,
+                           state, plan.kind, plan.hyper, None)  # fmt: skip
+    for a, b in zip(before, (*step.model.parameters(), *plan.state), strict=True):
+        assert torch.equal(a, b)
+    step(x, y)  # and the next step runs as usual
 
 
 def test_update_apart_where_the_fused_one_does_not_serve() -> None:
